@@ -1,0 +1,289 @@
+"""Load checkpoints through REAL vLLM on CPU and compare every expert parameter with the bytes on disk.
+
+Test-only.  Run inside a vLLM venv, one fresh interpreter per setting (the shim is armed, or not, at
+start-up by sitecustomize):
+
+    PYTHONPATH=<checkout> python tests/harness.py CKPT [CKPT ...]    # prints one JSON line per checkpoint
+
+Follows vLLM's own path (facts.md section 3): EngineArgs -> create_engine_config, gloo world of 1,
+get_model_loader, initialize_model on CPU, loader.load_weights.  CPU needs three test-only settings:
+the CPU platform, a NVFP4 MoE backend choice that tolerates CPU (no kernel runs while loading), and
+vLLM's emulation NVFP4 linear kernel registered for CPU.  ``process_weights_after_loading`` repacks
+for GPU kernels and is not run.
+
+Before loading, every parameter is filled with a sentinel (NaN, or 0xFF bytes) so a parameter vLLM never
+wrote is visible afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+
+import torch  # noqa: E402
+
+SENTINEL_BYTE = 0xFF
+_EXPERT = re.compile(
+    r"^model\.language_model\.layers\.(\d+)\.mlp\.experts\."
+    r"(?:(gate_proj|up_proj|down_proj)\.(\d+)|(\d+)\.(gate_proj|up_proj|down_proj))\.(\w+)$"
+)
+_PARAM = re.compile(r"language_model\.model\.layers\.(\d+)\.mlp\.experts\.(?:routed_experts\.)?(w13|w2)_(\w+)$")
+# checkpoint suffix -> vLLM parameter suffix
+_SUFFIX = {
+    "weight": "weight",
+    "weight_packed": "weight",  # ModelOpt model: the bug report's spelling; renamed to weight
+    "weight_scale": "weight_scale",
+    "weight_scale_2": "weight_scale_2",
+    "input_scale": "input_scale",
+    "weight_global_scale": "weight_global_scale",
+    "input_global_scale": "input_global_scale",
+}
+
+
+# -- CPU enablement (test-only) --------------------------------------------------------------------
+def force_cpu_platform() -> None:
+    """vLLM 0.25+ honour VLLM_TARGET_DEVICE=cpu; older ones need the platform set by hand."""
+    import vllm.platforms as platforms
+
+    if getattr(platforms, "_current_platform", None) is not None and "Cpu" in type(platforms._current_platform).__name__:
+        return
+    from vllm.platforms.cpu import CpuPlatform
+
+    platforms._current_platform = CpuPlatform()
+
+
+def tolerate_nvfp4_on_cpu() -> None:
+    """Let NVFP4 layers be *constructed* on CPU: no kernel runs during loading."""
+    from vllm.platforms import PlatformEnum
+
+    try:  # vLLM 0.24+: linear kernels are selected from a registry
+        from vllm.model_executor.kernels.linear import register_linear_kernel
+        from vllm.model_executor.kernels.linear.nvfp4.emulation import EmulationNvFp4LinearKernel
+
+        register_linear_kernel(EmulationNvFp4LinearKernel, PlatformEnum.CPU, "nvfp4")
+    except ImportError:
+        pass
+    import importlib
+
+    for modname in (
+        "vllm.model_executor.layers.quantization.modelopt",
+        "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w4a4_nvfp4",
+        "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe",
+    ):
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        original = getattr(mod, "select_nvfp4_moe_backend", None)
+        if original is None or getattr(original, "_cpu_fallback", False):
+            continue
+
+        def fallback(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            try:
+                return _original(*args, **kwargs)
+            except (NotImplementedError, ValueError, RuntimeError):
+                from vllm.model_executor.layers.fused_moe.oracle import nvfp4 as oracle
+
+                backend = oracle.NvFp4MoeBackend.EMULATION
+                return backend, oracle.backend_to_kernel_cls(backend)[0]
+
+        fallback._cpu_fallback = True  # type: ignore[attr-defined]
+        mod.select_nvfp4_moe_backend = fallback  # type: ignore[attr-defined]
+
+
+# -- building and loading ------------------------------------------------------------------------------
+_dist_ready = False
+
+
+def _init_distributed() -> None:
+    global _dist_ready
+    if _dist_ready:
+        return
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_distributed_environment(
+        world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", local_rank=0, backend="gloo"
+    )
+    initialize_model_parallel(1, 1)
+    _dist_ready = True
+
+
+def build(ckpt: str) -> tuple[Any, Any, Any]:
+    """(model, loader, vllm_config) for ``ckpt``, built the way vLLM builds it, on CPU."""
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.utils import initialize_model
+
+    force_cpu_platform()
+    tolerate_nvfp4_on_cpu()
+    args = EngineArgs(model=ckpt, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16", max_model_len=1024)
+    vllm_config = args.create_engine_config()
+    with set_current_vllm_config(vllm_config):
+        _init_distributed()
+        loader = get_model_loader(vllm_config.load_config)
+        with torch.device("cpu"):
+            model = initialize_model(vllm_config=vllm_config)
+    return model, loader, vllm_config
+
+
+# vLLM-owned defaults that no checkpoint here carries (FP8 KV-cache scales start at 1.0)
+_NOT_FROM_CHECKPOINT = re.compile(r"\.attn\.(q|k|v|prob)_(scale|zero_point)$")
+
+
+def checkpoint_params(model: Any) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if not _NOT_FROM_CHECKPOINT.search(n)}
+
+
+def fill_sentinel(model: Any) -> None:
+    with torch.no_grad():
+        for p in checkpoint_params(model).values():
+            if p.dtype.is_floating_point and p.dtype.itemsize > 1:
+                p.data.fill_(float("nan"))
+            else:
+                p.data.view(torch.uint8).fill_(SENTINEL_BYTE)
+
+
+def _unwritten(t: torch.Tensor) -> torch.Tensor:
+    """Per leading index: True where the whole slice still holds the sentinel."""
+    if t.dtype.is_floating_point and t.dtype.itemsize > 1:
+        flat = t.detach().float().reshape(t.shape[0], -1) if t.dim() else t.detach().float().reshape(1, 1)
+        return torch.isnan(flat).all(dim=1)
+    raw = t.detach().contiguous().view(torch.uint8)
+    flat = raw.reshape(raw.shape[0], -1) if raw.dim() else raw.reshape(1, 1)
+    return (flat == SENTINEL_BYTE).all(dim=1)
+
+
+def expected_experts(ckpt: Path) -> dict[tuple[int, str, str], dict[int, torch.Tensor]]:
+    """(layer, 'w13'|'w2', vLLM suffix) -> expert -> expected tensor, read independently of the shim."""
+    from safetensors import safe_open
+
+    quant = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
+    suffixes = dict(_SUFFIX)
+    if quant.get("quant_method") == "compressed-tensors":
+        suffixes["weight_packed"] = "weight_packed"
+
+    raw: dict[tuple[int, int, str, str], torch.Tensor] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():  # noqa: SIM118
+                m = _EXPERT.match(name)
+                if m is None or m.group(6) not in suffixes:
+                    continue
+                layer = int(m.group(1))
+                proj = m.group(2) or m.group(5)
+                expert = int(m.group(3) or m.group(4))
+                raw[(layer, expert, proj, suffixes[m.group(6)])] = st.get_tensor(name)
+    out: dict[tuple[int, str, str], dict[int, torch.Tensor]] = {}
+    for (layer, expert, proj, suffix), t in raw.items():
+        if proj == "down_proj":
+            out.setdefault((layer, "w2", suffix), {})[expert] = t
+        elif proj == "gate_proj":
+            up = raw.get((layer, expert, "up_proj", suffix))
+            if up is None:
+                continue
+            both = torch.stack([t.reshape(()), up.reshape(())]) if t.numel() == 1 else torch.cat([t, up], 0)
+            out.setdefault((layer, "w13", suffix), {})[expert] = both
+    return out
+
+
+def compare(model: Any, ckpt: Path, *, scale_only_gate: bool = False) -> dict[str, Any]:
+    """Every expert parameter vs the checkpoint bytes, plus every parameter left at the sentinel."""
+    expected = expected_experts(ckpt)
+    params = checkpoint_params(model)
+    mismatched: list[str] = []
+    checked = 0
+    found: set[tuple[int, str, str]] = set()
+    for pname, p in params.items():
+        m = _PARAM.search(pname)
+        if m is None:
+            continue
+        layer, which, suffix = int(m.group(1)), m.group(2), m.group(3)
+        want = expected.get((layer, which, suffix))
+        if want is None:
+            continue
+        found.add((layer, which, suffix))
+        for expert, t in want.items():
+            got = p.data[expert]
+            if got.shape != t.shape:
+                t = t.reshape(got.shape)
+            if got.dtype != t.dtype:
+                t = t.to(got.dtype)
+            checked += 1
+            a = got.contiguous().view(torch.uint8) if got.dim() else got.reshape(1).view(torch.uint8)
+            b = t.contiguous().view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+            if not torch.equal(a, b):
+                mismatched.append(f"{pname}[{expert}]")
+    missing_params = sorted(f"layer {k[0]} {k[1]}_{k[2]}" for k in expected if k not in found)
+    unwritten = []
+    for pname, p in params.items():
+        rows = _unwritten(p.data)
+        if bool(rows.any()):
+            unwritten.append(f"{pname}[{','.join(str(i) for i in rows.nonzero().flatten().tolist()[:8])}]")
+    mismatched = mismatched[:20] + ([f"... {len(mismatched) - 20} more"] if len(mismatched) > 20 else [])
+    digest = hashlib.sha256()
+    for pname in sorted(params):
+        digest.update(pname.encode())
+        digest.update(params[pname].data.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return {
+        "checked": checked,
+        "mismatched": mismatched,
+        "unwritten": unwritten,
+        "unmatched": missing_params,
+        "digest": digest.hexdigest(),
+    }
+
+
+def run_one(ckpt: str) -> dict[str, Any]:
+    result: dict[str, Any] = {"ckpt": ckpt}
+    try:
+        model, loader, vllm_config = build(ckpt)
+    except Exception as exc:  # construction failure (config problems)
+        result.update(stage="build", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:])
+        return result
+    tc = model.config.text_config
+    result["model"] = {
+        "num_experts": getattr(tc, "num_experts", None),
+        "norm_topk_prob": getattr(tc, "norm_topk_prob", None),
+        "experts_module": [n for n, _ in model.named_modules() if n.endswith("layers.0.mlp.experts")][:1],
+    }
+    fill_sentinel(model)
+    from vllm.config import set_current_vllm_config
+
+    try:
+        with set_current_vllm_config(vllm_config):
+            loader.load_weights(model, vllm_config.model_config)
+        result["stage"] = "loaded"
+    except Exception as exc:
+        result.update(stage="load", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:])
+    result.update(compare(model, Path(ckpt)))
+    try:
+        import vllm_modelopt_shim.patch as patch
+
+        result["patched"] = patch.is_applied()
+    except Exception:
+        result["patched"] = False
+    return result
+
+
+def main(argv: list[str]) -> int:
+    for ckpt in argv:
+        print("HARNESS " + json.dumps(run_one(ckpt)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

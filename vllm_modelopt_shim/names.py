@@ -1,0 +1,151 @@
+"""Expert tensor names: the three layouts, the two suffix families, and the rename.
+
+Pure string logic (no torch, no vLLM) so it is testable in microseconds and shared by
+the runtime patch and the ``doctor`` command.
+
+Layouts of one MoE layer's experts in a checkpoint:
+
+- ``legacy``    ``<prefix>.experts.<proj>.<N>.<suffix>``  (ModelOpt + transformers 4.57)
+- ``canonical`` ``<prefix>.experts.<N>.<proj>.<suffix>``  (what vLLM expects)
+- ``fused``     ``<prefix>.experts.gate_up_proj`` / ``.down_proj`` 3-D (bf16 HF, re-fused exports)
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "LEGACY",
+    "CANONICAL",
+    "FUSED",
+    "PROJECTIONS",
+    "MODELOPT",
+    "COMPRESSED",
+    "UNQUANTIZED",
+    "FAMILIES",
+    "SCALAR_SUFFIXES",
+    "AWQ_SUFFIX",
+    "ExpertName",
+    "family_of",
+    "parse",
+    "canonical",
+    "canonical_suffix",
+    "rename",
+    "legacy",
+]
+
+LEGACY = "legacy"
+CANONICAL = "canonical"
+FUSED = "fused"
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+#: quant family -> the per-expert suffixes it writes.
+MODELOPT = "modelopt"
+COMPRESSED = "compressed-tensors"
+UNQUANTIZED = "unquantized"
+FAMILIES: dict[str, frozenset[str]] = {
+    MODELOPT: frozenset({"weight", "weight_scale", "weight_scale_2", "input_scale"}),
+    COMPRESSED: frozenset({"weight_packed", "weight_scale", "weight_global_scale", "input_global_scale"}),
+    UNQUANTIZED: frozenset({"weight", "bias"}),
+}
+#: 0-D (ModelOpt) or [1] (compressed-tensors) per-tensor scales: must be finite and > 0.
+SCALAR_SUFFIXES = frozenset({"weight_scale_2", "input_scale", "weight_global_scale", "input_global_scale"})
+#: NVFP4_AWQ smoothing factors: no vLLM release applies them.
+AWQ_SUFFIX = "pre_quant_scale"
+#: The one crossing allowed between families: the bug report's ModelOpt export spells the
+#: packed weight the compressed-tensors way; in a ModelOpt model it means ``weight``.
+_PACKED = "weight_packed"
+
+_PER_EXPERT = re.compile(
+    r"^(?P<prefix>.+\.experts)\."
+    r"(?:(?P<lproj>gate_proj|up_proj|down_proj)\.(?P<lidx>\d+)"
+    r"|(?P<cidx>\d+)\.(?P<cproj>gate_proj|up_proj|down_proj))"
+    r"\.(?P<suffix>[A-Za-z_]\w*)$"
+)
+_FUSED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:[._](?P<suffix>[A-Za-z]\w*))?$")
+
+
+def family_of(quant_method: str | None) -> str | None:
+    """Map a quantization method name (config.json or vLLM's) to a suffix family, or None if unknown."""
+    if not quant_method:
+        return UNQUANTIZED
+    method = quant_method.lower().replace("_", "-")
+    if method.startswith("modelopt"):
+        return MODELOPT
+    if method.startswith("compressed-tensors"):
+        return COMPRESSED
+    return None
+
+
+class ExpertName:
+    """One parsed expert tensor name; ``expert`` is -1 for fused 3-D tensors."""
+
+    __slots__ = ("prefix", "expert", "proj", "suffix", "layout")
+
+    def __init__(self, prefix: str, expert: int, proj: str, suffix: str, layout: str) -> None:
+        self.prefix = prefix
+        self.expert = expert
+        self.proj = proj
+        self.suffix = suffix
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return f"ExpertName({self.prefix!r}, {self.expert}, {self.proj!r}, {self.suffix!r}, {self.layout!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExpertName):
+            return NotImplemented
+        return (self.prefix, self.expert, self.proj, self.suffix, self.layout) == (
+            other.prefix,
+            other.expert,
+            other.proj,
+            other.suffix,
+            other.layout,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def parse(name: str) -> ExpertName | None:
+    """Parse an expert tensor name in any layout; None for every other tensor."""
+    if ".experts." not in name:
+        return None
+    m = _PER_EXPERT.match(name)
+    if m is not None:
+        if m.group("lproj") is not None:
+            return ExpertName(m.group("prefix"), int(m.group("lidx")), m.group("lproj"), m.group("suffix"), LEGACY)
+        return ExpertName(m.group("prefix"), int(m.group("cidx")), m.group("cproj"), m.group("suffix"), CANONICAL)
+    m = _FUSED.match(name)
+    if m is not None:
+        return ExpertName(m.group("prefix"), -1, m.group("proj"), m.group("suffix") or "", FUSED)
+    return None
+
+
+def canonical_suffix(suffix: str, family: str | None) -> str:
+    return "weight" if family == MODELOPT and suffix == _PACKED else suffix
+
+
+def canonical(name: str, family: str | None = MODELOPT) -> str:
+    """The name vLLM expects for ``name``; every name that needs no change is returned as is.
+
+    Idempotent: ``canonical(canonical(n)) == canonical(n)``.
+    """
+    return rename(name, parse(name), family)
+
+
+def rename(name: str, parsed: ExpertName | None, family: str | None) -> str:
+    """``canonical`` for a name already parsed (the stream parses each name once)."""
+    if parsed is None or parsed.layout == FUSED:
+        if family == MODELOPT and name.endswith("." + _PACKED):
+            return name[: -len(_PACKED)] + "weight"
+        return name
+    return f"{parsed.prefix}.{parsed.expert}.{parsed.proj}.{canonical_suffix(parsed.suffix, family)}"
+
+
+def legacy(name: str) -> str:
+    """The ModelOpt transformers-4.57 spelling of an expert name (inverse of the layout part of ``canonical``)."""
+    parsed = parse(name)
+    if parsed is None or parsed.layout == FUSED:
+        return name
+    return f"{parsed.prefix}.{parsed.proj}.{parsed.expert}.{parsed.suffix}"

@@ -1,0 +1,236 @@
+"""Everything that touches vLLM or wrapt: the only module that knows vLLM's names.
+
+``apply(module)`` wraps ``Qwen3VLMoeForConditionalGeneration.load_weights`` (and ``__init__``, for
+config fixes) in that class's own ``__dict__``: its base ``Qwen3VLForConditionalGeneration`` and
+sibling subclasses stay untouched.  It never raises and never wraps twice; when vLLM does not look
+as expected it logs one line and leaves vLLM stock.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from . import settings as _settings
+from . import verify
+from .errors import CheckpointError
+from .ledger import Ledger
+from .names import COMPRESSED, MODELOPT, family_of
+from .stream import rewrite
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from types import ModuleType
+    from typing import Any
+
+__all__ = ["CLASS", "TESTED", "apply", "is_applied", "target_class", "last_ledger"]
+
+CLASS = "Qwen3VLMoeForConditionalGeneration"
+#: vLLM releases the test matrix proves; outside it the shim warns once and keeps working.
+TESTED = ((0, 17, 1), (0, 33, 0))
+_MARK = "_self_vllm_modelopt_shim"
+
+logger = logging.getLogger("vllm.modelopt_shim")
+_state: dict[str, Any] = {"applied": False, "reason": "not yet imported", "ledger": None}
+
+
+def _warn(message: str) -> None:
+    """One clear line, before vLLM's logging may exist: stderr, like the bootstrap."""
+    sys.stderr.write(f"vllm-modelopt-shim: WARNING {message}\n")
+
+
+def vllm_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vllm")
+    except Exception:
+        try:
+            import vllm
+
+            return str(getattr(vllm, "__version__", "unknown"))
+        except Exception:
+            return "unknown"
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
+        if not digits:
+            return None
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def target_class(module: ModuleType) -> type | None:
+    cls = getattr(module, CLASS, None)
+    if isinstance(cls, type) and callable(getattr(cls, "load_weights", None)):
+        return cls
+    return None
+
+
+def is_applied() -> bool:
+    return bool(_state["applied"])
+
+
+def last_ledger() -> Ledger | None:
+    """The ledger of this process's most recent load (for status, reports and tests)."""
+    return _state["ledger"]  # type: ignore[no-any-return]
+
+
+def apply(module: ModuleType) -> bool:
+    """Wrap the model class of ``module`` (vLLM's qwen3_vl_moe); True if the shim is active."""
+    version = vllm_version()
+    cls = target_class(module)
+    if cls is None:
+        _state["reason"] = f"{module.__name__}.{CLASS}.load_weights not found"
+        _warn(f"vLLM {version}: {_state['reason']}; this vLLM is left untouched")
+        return False
+    current = cls.__dict__.get("load_weights")
+    if getattr(current, _MARK, False):
+        _state.update(applied=True, reason="applied")
+        return True
+    try:
+        import wrapt
+    except ImportError:
+        _state["reason"] = "wrapt is not installed"
+        _warn(f"wrapt is not installed in {sys.prefix}: `pip install wrapt` there; vLLM {version} runs stock")
+        return False
+    release = _release(version)
+    if release is not None and not (TESTED[0] <= release[: len(TESTED[0])] and release[:2] <= TESTED[1][:2]):
+        _warn(
+            f"vLLM {version} is outside the tested range "
+            f"{'.'.join(map(str, TESTED[0]))}-{'.'.join(map(str, TESTED[1]))}; the shim stays active"
+        )
+    wrapt.wrap_function_wrapper(cls, "load_weights", _load_weights)
+    setattr(cls.__dict__["load_weights"], _MARK, True)
+    if "__init__" in cls.__dict__:
+        wrapt.wrap_function_wrapper(cls, "__init__", _init)
+        setattr(cls.__dict__["__init__"], _MARK, True)
+    _state.update(applied=True, reason="applied")
+    return True
+
+
+def remove(module: ModuleType) -> None:
+    """Undo ``apply`` (tests): restore the class's own methods exactly."""
+    cls = target_class(module)
+    if cls is None:
+        return
+    for name in ("load_weights", "__init__"):
+        current = cls.__dict__.get(name)
+        if getattr(current, _MARK, False):
+            original = current.__wrapped__  # type: ignore[union-attr]
+            if original is getattr(super(cls, cls), name, None):
+                delattr(cls, name)  # it was inherited: leave no residue
+            else:
+                setattr(cls, name, original)
+    _state.update(applied=False, reason="removed")
+
+
+# -- the wrappers ----------------------------------------------------------------------------------
+def _init(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    settings = _settings.load(warn=lambda _m: None)
+    if settings.enabled:
+        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+        hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+        if hf_config is not None:
+            from . import configfix
+
+            for line in configfix.reconcile(hf_config, source=_config_source(vllm_config)):
+                logger.info("vllm-modelopt-shim: %s", line)
+    return wrapped(*args, **kwargs)
+
+
+def _config_source(vllm_config: Any) -> str | None:
+    model = getattr(getattr(vllm_config, "model_config", None), "model", None)
+    return model if isinstance(model, str) else None
+
+
+def _scalar(tensor: Any) -> float:
+    if tensor.numel() == 1:
+        return float(tensor.item())
+    t = tensor.float()
+    return float(t.min().item()) if bool(t.isfinite().all()) else float("nan")
+
+
+def _family(instance: Any) -> str | None:
+    model_config = getattr(instance, "model_config", None)
+    method = getattr(model_config, "quantization", None)
+    if method is None:
+        qc = getattr(getattr(instance, "config", None), "quantization_config", None)
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return family_of(method)
+
+
+def _num_experts(instance: Any) -> int | None:
+    config = getattr(instance, "config", None)
+    text = getattr(config, "text_config", config)
+    for key in ("num_experts", "num_local_experts"):
+        value = getattr(text, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    settings = _settings.load(warn=lambda _m: None)
+    if not settings.enabled:
+        return wrapped(*args, **kwargs)
+    if "weights" in kwargs:
+        weights: Iterable[tuple[str, Any]] = kwargs.pop("weights")
+    else:
+        weights, args = args[0], args[1:]
+    ledger = Ledger(_family(instance), _num_experts(instance))
+    _state["ledger"] = ledger
+    check = settings.verify != "off"
+    on_problem = _raise if settings.verify == "error" else _log_problem
+    stream = rewrite(weights, ledger, check=check, scalar=_scalar if check else None, on_problem=on_problem)
+    loaded = wrapped(stream, *args, **kwargs)
+    started = time.perf_counter()
+    problems: list[CheckpointError] = verify.check_complete(ledger) if check else []
+    if problems and settings.verify == "error":
+        raise verify.summarize(problems)
+    for problem in problems[:10]:
+        _log_problem(problem)
+    harmonized = None
+    if settings.harmonize and ledger.family in (MODELOPT, COMPRESSED) and ledger.layers:
+        from . import harmonize
+
+        harmonized = harmonize.apply(instance, ledger.family)
+    ledger.seconds += time.perf_counter() - started
+    _summary(ledger, settings.verify, len(problems), harmonized)
+    if settings.report_dir:
+        from . import report
+
+        report.write(settings.report_dir, ledger, problems, harmonized)
+    return loaded
+
+
+def _raise(problem: CheckpointError) -> None:
+    raise problem
+
+
+def _log_problem(problem: CheckpointError) -> None:
+    logger.warning("vllm-modelopt-shim: %s (VLLM_MODELOPT_SHIM_VERIFY=warn: not refused)", problem)
+
+
+def _summary(ledger: Ledger, mode: str, problems: int, harmonized: Any) -> None:
+    experts = ledger.complete_experts()
+    verified = f"{experts} experts verified" if mode != "off" else "verification off"
+    refused = f", {len(ledger.refused)} refused" if ledger.refused else ""
+    issues = f", {problems} problem(s) logged" if problems else ""
+    logger.info(
+        "vllm-modelopt-shim: %d tensors seen, %d renamed%s, %s in %d MoE layers%s, %.3f s in the shim",
+        ledger.seen,
+        ledger.renamed,
+        refused,
+        verified,
+        len(ledger.layers),
+        issues,
+        ledger.seconds,
+    )
+    if harmonized is not None:
+        logger.info("vllm-modelopt-shim: %s", harmonized)

@@ -1,0 +1,154 @@
+"""Ledger -> problems.  The only place that decides what is an error.
+
+Two moments: ``check_tensor`` before a tensor is forwarded to vLLM (so our message comes
+before vLLM's own crash), and ``check_complete`` after vLLM's loader has returned.
+The runtime and the ``doctor`` command both call these: one truth, two doors.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import (
+    CheckpointError,
+    DuplicateTensorError,
+    ExpertIndexError,
+    MissingTensorError,
+    MixedLayoutError,
+    UnsupportedTensorError,
+    UnusableScaleError,
+)
+from .ledger import Ledger
+from .names import AWQ_SUFFIX, FAMILIES, FUSED, MODELOPT, PROJECTIONS, ExpertName
+
+__all__ = ["check_tensor", "check_complete", "summarize", "usable_scale"]
+
+_AWQ_HINT = (
+    "it is an NVFP4_AWQ smoothing factor that no vLLM release applies, so outputs would be wrong: "
+    "re-export with ModelOpt's NVFP4_DEFAULT_CFG (or fold the factor into the weights) and try again"
+)
+
+
+def usable_scale(value: float) -> bool:
+    """Global and input scales must be finite and > 0: zeros make vLLM emit NaN or one repeated token."""
+    return math.isfinite(value) and value > 0.0
+
+
+def _other_family(suffix: str, family: str) -> str | None:
+    for name, suffixes in FAMILIES.items():
+        if name != family and suffix in suffixes and suffix not in FAMILIES[family]:
+            return name
+    return None
+
+
+def check_tensor(ledger: Ledger, name: str, parsed: ExpertName | None) -> CheckpointError | None:
+    """A problem with this tensor that must stop it before it reaches vLLM, or None."""
+    if parsed is None:
+        if name.endswith("." + AWQ_SUFFIX):
+            return UnsupportedTensorError(name, f"{name}: {_AWQ_HINT}")
+        return None
+    if parsed.layout == FUSED:
+        if ledger.layers:
+            first = next(iter(ledger.layers.values()))
+            return MixedLayoutError(
+                name,
+                f"{name} is a fused 3-D expert tensor, but {first.prefix} holds per-expert tensors: "
+                "one model must use one expert layout; re-export the checkpoint in one layout",
+            )
+        return None
+    if ledger.fused:
+        first = next(iter(ledger.fused.values()))
+        return MixedLayoutError(
+            name,
+            f"{name} is a per-expert tensor, but {first} is a fused 3-D expert tensor: "
+            "one model must use one expert layout; re-export the checkpoint in one layout",
+        )
+    if parsed.suffix == AWQ_SUFFIX:
+        return UnsupportedTensorError(name, f"{name}: {_AWQ_HINT}")
+    family = ledger.family
+    if family is not None:
+        allowed = FAMILIES[family] | ({"weight_packed"} if family == MODELOPT else frozenset())
+        if parsed.suffix not in allowed:
+            other = _other_family(parsed.suffix, family)
+            if other is not None:
+                return MixedLayoutError(
+                    name,
+                    f"{name} has the {other} suffix {parsed.suffix!r} in a {family} checkpoint: the two "
+                    "families' scales mean different things (their global scales are reciprocals) and are "
+                    "never mixed; re-export the checkpoint with one tool",
+                )
+            return UnsupportedTensorError(
+                name,
+                f"{name} has suffix {parsed.suffix!r}, which no {family} NVFP4 expert carries "
+                f"(expected one of {sorted(allowed)}); the checkpoint is damaged or from an unknown exporter",
+            )
+    if ledger.num_experts is not None and parsed.expert >= ledger.num_experts:
+        return ExpertIndexError(
+            name,
+            f"{name} is expert {parsed.expert}, but the model has {ledger.num_experts} experts "
+            f"(indices 0..{ledger.num_experts - 1}): fix num_experts in config.json or remove the stray tensor",
+        )
+    if ledger.has(parsed):
+        return DuplicateTensorError(
+            name,
+            f"{name} is a second copy of expert {parsed.expert} {parsed.proj}.{parsed.suffix} of {parsed.prefix} "
+            "(the checkpoint holds this tensor twice, e.g. in both the legacy and the canonical layout): "
+            "keep one copy and remove the other from the shards",
+        )
+    return None
+
+
+def check_complete(ledger: Ledger) -> list[CheckpointError]:
+    """Problems visible only once the whole stream has passed: gaps and unusable scales."""
+    problems: list[CheckpointError] = []
+    for prefix, router in ledger.routers.items():
+        if prefix not in ledger.layers and prefix not in ledger.fused:
+            problems.append(
+                MissingTensorError(
+                    f"{prefix}.*",
+                    f"{router} is a MoE router, but no expert tensor of {prefix} is in the checkpoint: "
+                    "the shard holding them is missing; copy every shard listed in model.safetensors.index.json",
+                )
+            )
+    experts = ledger.expected_experts()
+    suffixes = ledger.suffixes()
+    slots = [(proj, suffix, ledger.slot(proj, suffix)) for suffix in suffixes for proj in PROJECTIONS]
+    full = ledger.full_mask()
+    missing: list[str] = []
+    for layer in ledger.layers.values():
+        for expert in range(experts):
+            mask = layer.experts.get(expert, 0)
+            if mask != full:
+                missing.extend(layer.name(expert, p, s) for p, s, bit in slots if not mask >> bit & 1)
+    if missing:
+        total = len(missing)
+        shown = ", ".join(missing[:5]) + (f" and {total - 5} more" if total > 5 else "")
+        message = (
+            f"{missing[0]} is missing: every MoE layer needs experts 0..{experts - 1} x "
+            f"{{gate_proj, up_proj, down_proj}} x {{{', '.join(suffixes)}}}; {total} tensor(s) missing: "
+            f"{shown}. Restore them from the original export (a shard may be incomplete)"
+        )
+        problems.append(MissingTensorError(missing[0], message))
+    for name, value in ledger.scalars():
+        if not usable_scale(value):
+            problems.append(
+                UnusableScaleError(
+                    name,
+                    f"{name} = {value!r}: global and input scales must be finite and > 0 (vLLM would emit NaN "
+                    "or one repeated token); recalibrate so this expert sees data, or re-export",
+                )
+            )
+    return problems
+
+
+def summarize(problems: list[CheckpointError]) -> CheckpointError:
+    """One exception for many problems: the first one's type and tensor, every message listed."""
+    first = problems[0]
+    if len(problems) == 1:
+        return first
+    listed = "\n  ".join(str(p) for p in problems[:10])
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    error = type(first)(first.name, f"{len(problems)} checkpoint problems:\n  {listed}{more}")
+    return error
+
+
