@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -217,6 +218,8 @@ def compare(model: Any, ckpt: Path, *, scale_only_gate: bool = False) -> dict[st
             continue
         found.add((layer, which, suffix))
         for expert, t in want.items():
+            if expert >= p.shape[0]:
+                continue  # an out-of-range expert of a damaged checkpoint has no parameter row
             got = p.data[expert]
             if got.shape != t.shape:
                 t = t.reshape(got.shape)
@@ -247,8 +250,19 @@ def compare(model: Any, ckpt: Path, *, scale_only_gate: bool = False) -> dict[st
     }
 
 
+class _Records(logging.Handler):
+    """The shim's log lines for one checkpoint (vLLM logs to stdout, shared by all loads)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
 def run_one(ckpt: str) -> dict[str, Any]:
-    result: dict[str, Any] = {"ckpt": ckpt}
+    result: dict[str, Any] = {"ckpt": ckpt, "shim_log": []}
     try:
         model, loader, vllm_config = build(ckpt)
     except Exception as exc:  # construction failure (config problems)
@@ -263,12 +277,19 @@ def run_one(ckpt: str) -> dict[str, Any]:
     fill_sentinel(model)
     from vllm.config import set_current_vllm_config
 
+    # attach only now: building the engine config re-runs vLLM's dictConfig, which drops handlers
+    records = _Records()
+    shim_logger = logging.getLogger("vllm.modelopt_shim")
+    shim_logger.addHandler(records)
     try:
         with set_current_vllm_config(vllm_config):
             loader.load_weights(model, vllm_config.model_config)
         result["stage"] = "loaded"
     except Exception as exc:
         result.update(stage="load", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:])
+    finally:
+        shim_logger.removeHandler(records)
+        result["shim_log"] = records.lines
     result.update(compare(model, Path(ckpt)))
     try:
         import vllm_modelopt_shim.patch as patch

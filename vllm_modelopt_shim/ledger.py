@@ -7,7 +7,7 @@ Pure bookkeeping, no decisions (those live in ``verify``).  Compact on purpose: 
 
 from __future__ import annotations
 
-from .names import FUSED, LEGACY, PROJECTIONS, ExpertName, canonical_suffix
+from .names import CANONICAL, FUSED, LEGACY, PROJECTIONS, ExpertName, canonical_suffix
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -19,19 +19,19 @@ __all__ = ["Layer", "Ledger"]
 class Layer:
     """One MoE layer's per-expert tensors (prefix ends in ``.experts``)."""
 
-    __slots__ = ("prefix", "layout", "experts", "scalars", "seen", "renamed")
+    __slots__ = ("prefix", "layouts", "experts", "scalars", "seen", "renamed")
 
-    def __init__(self, prefix: str, layout: str) -> None:
+    def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.layout = layout  # layout of the first tensor seen: how missing names are spelled
+        self.layouts: set[str] = set()  # per-expert layouts seen (legacy, canonical)
         self.experts: dict[int, int] = {}  # expert -> bitmask of Ledger slots
         self.scalars: dict[int, float] = {}  # (expert << 16 | slot) -> value
         self.seen = 0
         self.renamed = 0
 
-    def name(self, expert: int, proj: str, suffix: str) -> str:
-        """A tensor's name as this layer's checkpoint spells it."""
-        if self.layout == LEGACY:
+    def name(self, expert: int, proj: str, suffix: str, layout: str | None = None) -> str:
+        """A tensor's name as this layer's checkpoint spells it (legacy, if it has any legacy name)."""
+        if (layout or (LEGACY if LEGACY in self.layouts else CANONICAL)) == LEGACY:
             return f"{self.prefix}.{proj}.{expert}.{suffix}"
         return f"{self.prefix}.{expert}.{proj}.{suffix}"
 
@@ -64,7 +64,8 @@ class Ledger:
     def layer(self, parsed: ExpertName) -> Layer:
         layer = self.layers.get(parsed.prefix)
         if layer is None:
-            layer = self.layers[parsed.prefix] = Layer(parsed.prefix, parsed.layout)
+            layer = self.layers[parsed.prefix] = Layer(parsed.prefix)
+        layer.layouts.add(parsed.layout)
         return layer
 
     def has(self, parsed: ExpertName) -> bool:

@@ -89,10 +89,14 @@ def check_tensor(ledger: Ledger, name: str, parsed: ExpertName | None) -> Checkp
             f"(indices 0..{ledger.num_experts - 1}): fix num_experts in config.json or remove the stray tensor",
         )
     if ledger.has(parsed):
+        layer = ledger.layers[parsed.prefix]
+        other = next(iter(layer.layouts - {parsed.layout}), None)
+        first = layer.name(parsed.expert, parsed.proj, parsed.suffix, other) if other else None
+        where = f"already read as {first}" if first else "it appears in two shards"
         return DuplicateTensorError(
             name,
-            f"{name} is a second copy of expert {parsed.expert} {parsed.proj}.{parsed.suffix} of {parsed.prefix} "
-            "(the checkpoint holds this tensor twice, e.g. in both the legacy and the canonical layout): "
+            f"{name} is a second copy of expert {parsed.expert} {parsed.proj}.{parsed.suffix} ({where}; the "
+            "checkpoint holds this tensor twice, e.g. in both the legacy and the canonical layout): "
             "keep one copy and remove the other from the shards",
         )
     return None
