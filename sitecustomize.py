@@ -1,15 +1,53 @@
-"""vllm-modelopt-shim's doorbell: arms the shim in every Python process of a vLLM deployment.
+"""vllm-modelopt-shim's doorbell (PYTHONPATH=<checkout>): arms the shim in every Python process.
 
-It runs the sitecustomize it shadows, reads VLLM_MODELOPT_SHIM*, and registers a stdlib-only
-import hook; nothing heavy is imported until vLLM loads its Qwen3-VL-MoE model module.
-Nothing else lives here.
+Every interpreter runs this file, most never import vLLM: so it holds only what all must run.  It
+chains the sitecustomize it shadows (Debian/Ubuntu ship one), and unless VLLM_MODELOPT_SHIM is off
+puts a stdlib-only finder on sys.meta_path that answers for vLLM's qwen3_vl_moe module alone; the
+package (settings, warnings, wrapt, the patch) loads only then.  It never raises.
+__pycache__/sitecustomize.cpython-311.pyc is committed (checked-hash: used only while it matches
+this source) because compiling even an empty file costs ~1.5 ms under PYTHONDONTWRITEBYTECODE.
 """
 
-try:
-    from vllm_modelopt_shim._bootstrap import boot
-except Exception as _exc:  # never break an interpreter's start-up
-    import sys
+import os
+import sys
 
-    sys.stderr.write(f"vllm-modelopt-shim: not armed ({type(_exc).__name__}: {_exc}); vLLM runs stock\n")
-else:
-    boot(__file__)
+
+def _chain() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    finder = next(f for f in sys.meta_path if getattr(f, "__name__", "") == "PathFinder")
+    spec = finder.find_spec("sitecustomize", paths)  # type: ignore[call-arg]
+    if spec is not None and spec.loader is not None:
+        module = type(sys)("sitecustomize")
+        module.__file__, module.__spec__, module.__loader__ = spec.origin, spec, spec.loader
+        spec.loader.exec_module(module)
+
+
+class _Doorbell:
+    """Rings once, when vLLM imports its Qwen3-VL-MoE module: hands over to vllm_modelopt_shim."""
+
+    vllm_modelopt_shim = True
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        if name != "vllm.model_executor.models.qwen3_vl_moe":
+            return None
+        try:
+            from vllm_modelopt_shim._bootstrap import find_spec
+
+            return find_spec(self, name, path, target)
+        except Exception as exc:  # never break vLLM's import
+            sys.stderr.write(f"vllm-modelopt-shim: not armed ({type(exc).__name__}: {exc}); vLLM runs stock\n")
+            return None
+
+
+# once per interpreter, even if this file is reloaded or run again (the first module keeps the flag)
+if not getattr(sys.modules.get("sitecustomize"), "vllm_modelopt_shim_rang", False):
+    try:
+        _chain()
+    except Exception as exc:  # what CPython does with a failing sitecustomize: report, go on
+        sys.stderr.write(f"vllm-modelopt-shim: error in the shadowed sitecustomize: {type(exc).__name__}: {exc}\n")
+    # the "off" spellings of settings.flag(); tests/process keeps the two in step
+    off = os.environ.get("VLLM_MODELOPT_SHIM", "").strip().lower() in ("0", "false", "off", "no")
+    if not off and not any(getattr(f, "vllm_modelopt_shim", False) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Doorbell())  # type: ignore[arg-type]
+vllm_modelopt_shim_rang = True

@@ -1,12 +1,12 @@
 """vllm-modelopt-shim: stock vLLM loads ModelOpt / llm-compressor NVFP4 Qwen3-VL-MoE checkpoints correctly.
 
-Armed by the repository's ``sitecustomize.py`` (``PYTHONPATH=<checkout>``) or by the
-``vllm.general_plugins`` entry point of a pip install; see README.md.
+Armed by the repository's sitecustomize.py (PYTHONPATH=<checkout>) or by the vllm.general_plugins
+entry point of a pip install; see README.md.
 """
 
 from __future__ import annotations
 
-from ._bootstrap import install
+from ._bootstrap import install, installed
 from .errors import (
     CheckpointError,
     ConfigConflictError,
@@ -22,15 +22,16 @@ from .settings import Settings
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__",
-    "install",
-    "Settings",
     "CheckpointError",
     "ConfigConflictError",
     "DuplicateTensorError",
     "ExpertIndexError",
     "MissingTensorError",
     "MixedLayoutError",
+    "Settings",
     "UnsupportedTensorError",
     "UnusableScaleError",
+    "__version__",
+    "install",
+    "installed",
 ]

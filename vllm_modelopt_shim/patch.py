@@ -93,6 +93,9 @@ def apply(module: ModuleType) -> bool:
     if getattr(current, _MARK, False):
         _state.update(applied=True, reason="applied")
         return True
+    if not _settings.load().enabled:  # also the one place a bad VLLM_MODELOPT_SHIM* value warns
+        _state["reason"] = f"{_settings.ENABLE} is off"
+        return False
     try:
         import wrapt
     except ImportError:
