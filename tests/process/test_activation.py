@@ -20,7 +20,14 @@ PROBE = textwrap.dedent(
     import json, multiprocessing as mp
 
     def probe(q):
-        import importlib.machinery
+        try:
+            q.put(inspect())
+        except BaseException:
+            import traceback
+            q.put({"error": traceback.format_exc()})
+
+    def inspect():
+        import importlib.machinery, os
         import vllm.model_executor.models.qwen3_vl as base
         import vllm.model_executor.models.qwen3_vl_moe as m
         from vllm_modelopt_shim import patch
@@ -34,18 +41,19 @@ PROBE = textwrap.dedent(
             "siblings_untouched": all("load_weights" not in c.__dict__ or type(c.__dict__["load_weights"]).__name__ == "function" for c in siblings),
             "loader_restored": isinstance(m.__loader__, importlib.machinery.SourceFileLoader),
         }
-        patch.apply(m)  # a second install (plugin + PYTHONPATH) must not stack
-        before["not_stacked"] = type(cls.__dict__["load_weights"].__wrapped__).__name__ == "function"
-        patch.remove(m)
-        before["no_residue"] = "load_weights" not in cls.__dict__
-        q.put(before)
+        if before["applied"]:
+            patch.apply(m)  # a second install (plugin + PYTHONPATH) must not stack
+            before["not_stacked"] = type(cls.__dict__["load_weights"].__wrapped__).__name__ == "function"
+            patch.remove(m)
+            before["no_residue"] = "load_weights" not in cls.__dict__
+        return before
 
     if __name__ == "__main__":
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         p = ctx.Process(target=probe, args=(q,))
         p.start()
-        print("PROBE " + json.dumps(q.get(timeout=600)))
+        print("PROBE " + json.dumps(q.get(timeout=300)))
         p.join()
     """
 )
