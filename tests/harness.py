@@ -56,7 +56,8 @@ def force_cpu_platform() -> None:
     """vLLM 0.25+ honour VLLM_TARGET_DEVICE=cpu; older ones need the platform set by hand."""
     import vllm.platforms as platforms
 
-    if getattr(platforms, "_current_platform", None) is not None and "Cpu" in type(platforms._current_platform).__name__:
+    current = getattr(platforms, "_current_platform", None)
+    if current is not None and type(current).__name__ == "CpuPlatform":
         return
     from vllm.platforms.cpu import CpuPlatform
 
@@ -76,30 +77,42 @@ def tolerate_nvfp4_on_cpu() -> None:
         pass
     import importlib
 
+    def moe_fallback() -> tuple[Any, Any]:
+        from vllm.model_executor.layers.fused_moe.oracle import nvfp4 as oracle
+
+        names = [n for n in ("EMULATION", "MARLIN") if hasattr(oracle.NvFp4MoeBackend, n)]
+        backend = getattr(oracle.NvFp4MoeBackend, names[0])
+        return backend, oracle.backend_to_kernel_cls(backend)[0]
+
+    def linear_fallback() -> Any:
+        from vllm.model_executor.layers.quantization.utils.nvfp4_utils import NvFp4LinearBackend
+
+        return NvFp4LinearBackend.EMULATION
+
+    fallbacks = {"select_nvfp4_moe_backend": moe_fallback, "select_nvfp4_linear_backend": linear_fallback}
     for modname in (
         "vllm.model_executor.layers.quantization.modelopt",
-        "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w4a4_nvfp4",
         "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe",
+        "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w4a4_nvfp4",
+        "vllm.model_executor.layers.quantization.compressed_tensors.schemes.compressed_tensors_w4a4_nvfp4",
     ):
         try:
             mod = importlib.import_module(modname)
         except ImportError:
             continue
-        original = getattr(mod, "select_nvfp4_moe_backend", None)
-        if original is None or getattr(original, "_cpu_fallback", False):
-            continue
+        for fname, fallback in fallbacks.items():
+            original = getattr(mod, fname, None)
+            if original is None or getattr(original, "_cpu_fallback", False):
+                continue
 
-        def fallback(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            try:
-                return _original(*args, **kwargs)
-            except (NotImplementedError, ValueError, RuntimeError):
-                from vllm.model_executor.layers.fused_moe.oracle import nvfp4 as oracle
+            def wrapper(*args: Any, _original: Any = original, _fallback: Any = fallback, **kwargs: Any) -> Any:
+                try:
+                    return _original(*args, **kwargs)
+                except (NotImplementedError, ValueError, RuntimeError, AssertionError):
+                    return _fallback()
 
-                backend = oracle.NvFp4MoeBackend.EMULATION
-                return backend, oracle.backend_to_kernel_cls(backend)[0]
-
-        fallback._cpu_fallback = True  # type: ignore[attr-defined]
-        mod.select_nvfp4_moe_backend = fallback  # type: ignore[attr-defined]
+            wrapper._cpu_fallback = True  # type: ignore[attr-defined]
+            setattr(mod, fname, wrapper)
 
 
 # -- building and loading ------------------------------------------------------------------------------
@@ -124,12 +137,12 @@ def _init_distributed() -> None:
 
 def build(ckpt: str) -> tuple[Any, Any, Any]:
     """(model, loader, vllm_config) for ``ckpt``, built the way vLLM builds it, on CPU."""
+    force_cpu_platform()  # before vLLM's engine modules read (and cache) the platform
     from vllm.config import set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.model_executor.model_loader.utils import initialize_model
 
-    force_cpu_platform()
     tolerate_nvfp4_on_cpu()
     args = EngineArgs(model=ckpt, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16", max_model_len=1024)
     vllm_config = args.create_engine_config()
