@@ -200,9 +200,7 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
         _log_problem(problem)
     harmonized = None
     if settings.harmonize and ledger.family in (MODELOPT, COMPRESSED) and ledger.layers:
-        from . import harmonize
-
-        harmonized = harmonize.apply(instance, ledger.family)
+        harmonized = _harmonize(instance, ledger.family == MODELOPT)
     ledger.seconds += time.perf_counter() - started
     _summary(ledger, settings.verify, len(problems), harmonized)
     if settings.report_dir:
@@ -210,6 +208,27 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
 
         report.write(settings.report_dir, ledger, problems, harmonized)
     return loaded
+
+
+def _harmonize(model: Any, modelopt: bool) -> Any:
+    """Fold gate/up global scales on vLLM's w13 parameters, before vLLM post-processes them."""
+    import torch
+
+    from . import harmonize
+
+    total = harmonize.Result()
+    glob_name, weight_name = ("w13_weight_scale_2", "w13_weight") if modelopt else ("w13_weight_global_scale", "w13_weight_packed")
+    with torch.no_grad():
+        for module in model.modules():
+            scales, glob = getattr(module, "w13_weight_scale", None), getattr(module, glob_name, None)
+            weights = getattr(module, weight_name, None)
+            if not isinstance(scales, torch.Tensor) or not isinstance(glob, torch.Tensor):
+                continue
+            if scales.dtype != torch.float8_e4m3fn or glob.dim() != 2 or glob.shape[1] != 2:
+                continue  # not the layout this fold understands: leave it exactly as loaded
+            packed = weights.data if isinstance(weights, torch.Tensor) and weights.dtype == torch.uint8 else None
+            total.add(harmonize.fold(scales.data, glob.data, packed, reciprocal=not modelopt))
+    return total if total.experts else None
 
 
 def _raise(problem: CheckpointError) -> None:
