@@ -135,7 +135,7 @@ def _init_distributed() -> None:
     _dist_ready = True
 
 
-def build(ckpt: str) -> tuple[Any, Any, Any]:
+def build(ckpt: str, after_config: Any = None) -> tuple[Any, Any, Any]:
     """(model, loader, vllm_config) for ``ckpt``, built the way vLLM builds it, on CPU."""
     force_cpu_platform()  # before vLLM's engine modules read (and cache) the platform
     from vllm.config import set_current_vllm_config
@@ -146,6 +146,8 @@ def build(ckpt: str) -> tuple[Any, Any, Any]:
     tolerate_nvfp4_on_cpu()
     args = EngineArgs(model=ckpt, skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16", max_model_len=1024)
     vllm_config = args.create_engine_config()
+    if after_config is not None:
+        after_config()  # vLLM has (re)configured logging by now
     with set_current_vllm_config(vllm_config):
         _init_distributed()
         loader = get_model_loader(vllm_config.load_config)
@@ -214,6 +216,55 @@ def expected_experts(ckpt: Path) -> dict[tuple[int, str, str], dict[int, torch.T
     return out
 
 
+def _first(module: Any, attr: str) -> Any:
+    for m in module.modules():
+        value = getattr(m, attr, None)
+        if value is not None and not callable(value):
+            return value
+    return None
+
+
+def observed(model: Any) -> dict[str, Any]:
+    """What the built model itself uses (not what the config says): experts, top-k renormalization, rope."""
+    layer = model.language_model.model.layers[0]
+    section = _first(layer.self_attn, "mrope_section")
+    return {
+        "num_experts": _first(layer.mlp, "global_num_experts"),
+        "renormalize": _first(layer.mlp, "renormalize"),
+        "rope_theta": _first(layer.self_attn, "base"),
+        "mrope_section": list(section) if section is not None else None,
+    }
+
+
+def dequant_errors(model: Any, ckpt: Path) -> dict[str, float]:
+    """Worst relative L2 error, over experts, of gate and up as vLLM will dequantize w13 (one global
+    scale, its gate column) against the checkpoint's own per-projection dequantization."""
+    import checkpoints
+
+    expected = expected_experts(ckpt)
+    ct = any(k[2] == "weight_global_scale" for k in expected)
+    suffixes = ("weight_packed", "weight_global_scale") if ct else ("weight", "weight_scale_2")
+    params = dict(model.named_parameters())
+    worst = {"gate": 0.0, "up": 0.0}
+    for pname, p in params.items():
+        m = _PARAM.search(pname)
+        if m is None or m.group(2) != "w13" or m.group(3) != suffixes[0]:
+            continue
+        layer, base = int(m.group(1)), pname[: -len(suffixes[0])]
+        scales, glob = params[base + "weight_scale"].data, params[base + suffixes[1]].data
+        for e, packed in expected[(layer, "w13", suffixes[0])].items():
+            ck_scales = expected[(layer, "w13", "weight_scale")][e]
+            ck_glob = expected[(layer, "w13", suffixes[1])][e]
+            rows = packed.shape[0] // 2
+            as_s2 = (lambda x: 1.0 / float(x)) if ct else float
+            got = checkpoints.dequantize(p.data[e], scales[e], as_s2(glob[e, 0]))
+            for i, half in enumerate(("gate", "up")):
+                sl = slice(i * rows, (i + 1) * rows)
+                want = checkpoints.dequantize(packed[sl], ck_scales[sl], as_s2(ck_glob[i]))
+                worst[half] = max(worst[half], float((got[sl] - want).norm() / want.norm()))
+    return worst
+
+
 def compare(model: Any, ckpt: Path, *, scale_only_gate: bool = False) -> dict[str, Any]:
     """Every expert parameter vs the checkpoint bytes, plus every parameter left at the sentinel."""
     expected = expected_experts(ckpt)
@@ -275,35 +326,37 @@ class _Records(logging.Handler):
 
 
 def run_one(ckpt: str) -> dict[str, Any]:
+    records = _Records()
+    shim_logger = logging.getLogger("vllm.modelopt_shim")
+    try:
+        result = _run_one(ckpt, lambda: shim_logger.addHandler(records))
+    finally:
+        shim_logger.removeHandler(records)
+    result["shim_log"] = records.lines
+    return result
+
+
+def _run_one(ckpt: str, attach: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"ckpt": ckpt, "shim_log": []}
     try:
-        model, loader, vllm_config = build(ckpt)
+        model, loader, vllm_config = build(ckpt, after_config=attach)
     except Exception as exc:  # construction failure (config problems)
         result.update(stage="build", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:])
         return result
-    tc = model.config.text_config
-    result["model"] = {
-        "num_experts": getattr(tc, "num_experts", None),
-        "norm_topk_prob": getattr(tc, "norm_topk_prob", None),
-        "experts_module": [n for n, _ in model.named_modules() if n.endswith("layers.0.mlp.experts")][:1],
-    }
+    result["model"] = observed(model)
     fill_sentinel(model)
     from vllm.config import set_current_vllm_config
 
-    # attach only now: building the engine config re-runs vLLM's dictConfig, which drops handlers
-    records = _Records()
-    shim_logger = logging.getLogger("vllm.modelopt_shim")
-    shim_logger.addHandler(records)
     try:
         with set_current_vllm_config(vllm_config):
             loader.load_weights(model, vllm_config.model_config)
         result["stage"] = "loaded"
     except Exception as exc:
         result.update(stage="load", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:])
-    finally:
-        shim_logger.removeHandler(records)
-        result["shim_log"] = records.lines
     result.update(compare(model, Path(ckpt)))
+    quant = json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config")
+    if quant and result.get("stage") == "loaded":
+        result["dequant"] = dequant_errors(model, Path(ckpt))
     try:
         import vllm_modelopt_shim.patch as patch
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from types import ModuleType
     from typing import Any
 
-__all__ = ["CLASS", "TESTED", "apply", "is_applied", "target_class", "last_ledger"]
+__all__ = ["CLASS", "TESTED", "apply", "is_applied", "last_ledger", "reason", "remove", "target_class"]
 
 CLASS = "Qwen3VLMoeForConditionalGeneration"
 #: vLLM releases the test matrix proves; outside it the shim warns once and keeps working.
@@ -74,6 +74,11 @@ def target_class(module: ModuleType) -> type | None:
 
 def is_applied() -> bool:
     return bool(_state["applied"])
+
+
+def reason() -> str:
+    """Why the patch is, or is not, applied in this process."""
+    return str(_state["reason"])
 
 
 def last_ledger() -> Ledger | None:
@@ -191,23 +196,36 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     check = settings.verify != "off"
     on_problem = _raise if settings.verify == "error" else _log_problem
     stream = rewrite(weights, ledger, check=check, scalar=_scalar if check else None, on_problem=on_problem)
-    loaded = wrapped(stream, *args, **kwargs)
-    started = time.perf_counter()
-    problems: list[CheckpointError] = verify.check_complete(ledger) if check else []
-    if problems and settings.verify == "error":
-        raise verify.summarize(problems)
-    for problem in problems[:10]:
-        _log_problem(problem)
+    problems: list[CheckpointError] = []
     harmonized = None
-    if settings.harmonize and ledger.family in (MODELOPT, COMPRESSED) and ledger.layers:
-        harmonized = _harmonize(instance, ledger.family == MODELOPT)
-    ledger.seconds += time.perf_counter() - started
+    try:
+        loaded = wrapped(stream, *args, **kwargs)
+        started = time.perf_counter()
+        problems = verify.check_complete(ledger) if check else []
+        if problems and settings.verify == "error":
+            raise verify.summarize(problems)
+        for problem in problems[:10]:
+            _log_problem(problem)
+        if settings.harmonize and ledger.family in (MODELOPT, COMPRESSED) and ledger.layers:
+            harmonized = _harmonize(instance, ledger.family == MODELOPT)
+        ledger.seconds += time.perf_counter() - started
+    except CheckpointError as exc:
+        _report(settings.report_dir, ledger, problems or [exc], None)
+        raise
     _summary(ledger, settings.verify, len(problems), harmonized)
-    if settings.report_dir:
-        from . import report
-
-        report.write(settings.report_dir, ledger, problems, harmonized)
+    _report(settings.report_dir, ledger, problems, harmonized)
     return loaded
+
+
+def _report(directory: str | None, ledger: Ledger, problems: list[CheckpointError], harmonized: Any) -> None:
+    if not directory:
+        return
+    from . import report
+
+    try:
+        logger.info("vllm-modelopt-shim: report written to %s", report.write(directory, ledger, problems, harmonized))
+    except OSError as exc:  # a report must never fail a load
+        logger.warning("vllm-modelopt-shim: report not written to %s: %s", directory, exc)
 
 
 def _harmonize(model: Any, modelopt: bool) -> Any:

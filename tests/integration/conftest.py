@@ -58,6 +58,25 @@ GOOD: dict[str, dict[str, Any]] = {
 }
 LEGACY = ["modelopt-legacy", "modelopt-legacy-packed", "modelopt-split", "ct-legacy"]
 
+#: gate/up global scales apart (ModelOpt's per-expert export does not unify them): harmonization
+MISMATCHED: dict[str, dict[str, Any]] = {
+    "modelopt-mismatch": {"family": "modelopt", "layout": "legacy", "up_mismatch": 1.3},
+    "ct-mismatch": {"family": "compressed-tensors", "layout": "legacy", "up_mismatch": 1.3},
+}
+
+
+def _both_expert_counts(cfg: dict[str, Any]) -> None:
+    cfg["text_config"]["num_experts"] = 8  # type: ignore[index]
+
+
+#: configs as transformers 5 writes them (ModelOpt 0.47, llm-compressor 0.14: canonical names)
+T5: dict[str, dict[str, Any]] = {
+    "t5-modelopt": {"family": "modelopt", "layout": "canonical", "generation": "5"},
+    "t5-ct": {"family": "compressed-tensors", "layout": "canonical", "generation": "5"},
+    "t5-modelopt-legacy": {"family": "modelopt", "layout": "legacy", "generation": "5"},
+    "t5-conflict": {"family": "modelopt", "layout": "canonical", "generation": "5", "config_edit": _both_expert_counts},
+}
+
 #: damaged copies of the legacy ModelOpt checkpoint -> (edit, exception the shim raises, tensor it names)
 DAMAGED: dict[str, tuple[Callable[[dict[str, torch.Tensor]], None], str, str]] = {
     "missing-scale": (
@@ -80,7 +99,7 @@ DAMAGED: dict[str, tuple[Callable[[dict[str, torch.Tensor]], None], str, str]] =
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ckpts")
-    for name, kwargs in GOOD.items():
+    for name, kwargs in {**GOOD, **MISMATCHED, **T5}.items():
         checkpoints.write(root / name, **kwargs)
     for name, (edit, _, _) in DAMAGED.items():
         checkpoints.write(root / name, edit=edit)

@@ -1,0 +1,155 @@
+"""The doctor: verdict, rename count and every problem, from headers alone (pure: no torch here either)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vllm_modelopt_shim.__main__ import main
+from vllm_modelopt_shim.doctor import CANNOT, NEEDS_SHIM, STOCK, diagnose
+
+L = "model.language_model.layers"
+SUFFIXES = {"weight": ("U8", [8, 8]), "weight_scale": ("F8_E4M3", [8, 1]), "weight_scale_2": ("F32", []), "input_scale": ("F32", [])}
+
+
+def save(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A real safetensors file: u64 header size, JSON header, then the data."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    blob = b""
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(blob), len(blob) + len(data)]}
+        blob += data
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob)
+
+
+def tensor(suffix: str, value: float = 0.01) -> tuple[str, list[int], bytes]:
+    dtype, shape = SUFFIXES[suffix]
+    n = 1
+    for s in shape:
+        n *= s
+    return dtype, shape, struct.pack("<f", value) if dtype == "F32" else bytes(n)
+
+
+def checkpoint(tmp: Path, layout: str = "legacy", generation: str = "4.57", **edits: Any) -> Path:
+    ts: dict[str, tuple[str, list[int], bytes]] = {"lm_head.weight": ("BF16", [4, 8], bytes(64))}
+    for layer in range(2):
+        ts[f"{L}.{layer}.mlp.gate.weight"] = ("BF16", [4, 8], bytes(64))
+        for e in range(4):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for suffix in SUFFIXES:
+                    mid = f"{proj}.{e}" if layout == "legacy" else f"{e}.{proj}"
+                    value = 0.01 * (1.2 if proj == "up_proj" and e == 1 else 1.0)
+                    ts[f"{L}.{layer}.mlp.experts.{mid}.{suffix}"] = tensor(suffix, value)
+    for name in edits.get("drop", ()):
+        del ts[name]
+    ts.update(edits.get("add", {}))
+    text: dict[str, Any] = {"num_experts": 4, "norm_topk_prob": True} if generation == "4.57" else {"num_local_experts": 4}
+    quant = {"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": ["lm_head"]}
+    (tmp / "config.json").write_text(json.dumps({"text_config": text, "quantization_config": quant}))
+    shards = edits.get("shards")
+    if shards:
+        index = {}
+        for i, part in enumerate(shards(ts)):
+            name = f"model-0000{i + 1}-of-0000{len(shards(ts))}.safetensors"
+            save(tmp / name, part)
+            index.update(dict.fromkeys(part, name))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    else:
+        save(tmp / "model.safetensors", ts)
+    return tmp
+
+
+def test_the_bug_reports_layout_needs_the_shim_and_counts_every_rename(tmp_path: Path) -> None:
+    d = diagnose(checkpoint(tmp_path))
+    assert d.verdict == NEEDS_SHIM and d.renames == 2 * 4 * 3 * 4 and d.problems == []
+    assert d.as_dict()["layouts"] == {"legacy": 96} and d.quantization == "ModelOpt NVFP4"
+
+
+def test_canonical_names_load_with_stock_vllm(tmp_path: Path) -> None:
+    d = diagnose(checkpoint(tmp_path, layout="canonical"))
+    assert d.verdict == STOCK and d.renames == 0
+
+
+def test_a_transformers_5_config_needs_the_shim_for_its_config(tmp_path: Path) -> None:
+    d = diagnose(checkpoint(tmp_path, layout="canonical", generation="5"))
+    assert d.verdict == NEEDS_SHIM and d.renames == 0
+    assert any("norm_topk_prob" in f for f in d.config_fixes) and any("num_experts = 4" in f for f in d.config_fixes)
+
+
+def test_gate_up_scale_mismatch_is_a_warning_with_the_worst_ratio(tmp_path: Path) -> None:
+    d = diagnose(checkpoint(tmp_path, layout="canonical"))
+    assert d.verdict == STOCK and d.mismatched_experts == 2  # expert 1 of each layer
+    assert d.worst_scale_ratio == pytest.approx(1.2, rel=1e-6)
+    assert "1.200" in d.warnings[0] and "VLLM_MODELOPT_SHIM_HARMONIZE" in d.warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("edits", "tensor"),
+    [
+        ({"drop": [f"{L}.1.mlp.experts.up_proj.3.weight_scale_2"]}, f"{L}.1.mlp.experts.up_proj.3.weight_scale_2"),
+        ({"add": {f"{L}.0.mlp.experts.gate_proj.0.input_scale": tensor("input_scale", 0.0)}}, f"{L}.0.mlp.experts.gate_proj.0.input_scale"),
+        ({"add": {f"{L}.0.mlp.experts.gate_proj.7.weight": tensor("weight")}}, f"{L}.0.mlp.experts.gate_proj.7.weight"),
+        ({"add": {f"{L}.0.mlp.experts.0.gate_proj.weight": tensor("weight")}}, f"{L}.0.mlp.experts.gate_proj.0.weight"),
+        ({"add": {f"{L}.0.mlp.experts.gate_proj.0.pre_quant_scale": ("BF16", [8], bytes(16))}}, f"{L}.0.mlp.experts.gate_proj.0.pre_quant_scale"),
+        ({"add": {f"{L}.1.mlp.experts.gate_up_proj": ("BF16", [4, 8, 8], bytes(512))}}, f"{L}.1.mlp.experts.gate_up_proj"),
+        ({"add": {f"{L}.0.mlp.experts.gate_proj.0.weight_global_scale": ("F32", [1], bytes(4))}}, f"{L}.0.mlp.experts.gate_proj.0.weight_global_scale"),
+    ],
+    ids=["missing-scale", "zero-input-scale", "out-of-range", "duplicate", "awq", "mixed-layout", "mixed-family"],
+)
+def test_damaged_checkpoints_cannot_load_correctly_naming_the_tensor(tmp_path: Path, edits: dict[str, Any], tensor: str) -> None:
+    d = diagnose(checkpoint(tmp_path, **edits))
+    assert d.verdict == CANNOT
+    assert tensor in d.as_dict()["problem_tensors"] or any(tensor in p for p in d.as_dict()["problems"])
+
+
+def test_a_multi_shard_index_is_read_across_shards(tmp_path: Path) -> None:
+    def split(ts: dict[str, Any]) -> list[dict[str, Any]]:
+        names = sorted(ts)
+        return [{n: ts[n] for n in names[: len(names) // 2]}, {n: ts[n] for n in names[len(names) // 2 :]}]
+
+    d = diagnose(checkpoint(tmp_path, shards=split))
+    assert d.shards == 2 and d.verdict == NEEDS_SHIM and d.renames == 96
+
+
+def test_json_is_exactly_one_object_and_exit_codes_follow_the_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = checkpoint(tmp_path / "a" if (tmp_path / "a").mkdir() is None else tmp_path)
+    assert main(["doctor", str(good), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"verdict", "renames", "problems", "warnings"} <= set(data) and isinstance(data["renames"], int)
+    bad = tmp_path / "b"
+    bad.mkdir()
+    checkpoint(bad, drop=[f"{L}.0.mlp.experts.down_proj.0.weight"])
+    assert main(["doctor", str(bad), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["verdict"] == CANNOT
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert main(["doctor", str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def test_human_output_is_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", str(checkpoint(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "verdict" in out and "needs-shim" in out and "tensors the shim renames       96" in out
+
+
+def test_pure_modules_import_neither_torch_nor_vllm() -> None:
+    code = (
+        "import sys\n"
+        "import vllm_modelopt_shim.doctor, vllm_modelopt_shim.names, vllm_modelopt_shim.ledger, vllm_modelopt_shim.verify\n"
+        "import vllm_modelopt_shim.stream, vllm_modelopt_shim.configfix, vllm_modelopt_shim.settings\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'wrapt')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "[]", out.stderr

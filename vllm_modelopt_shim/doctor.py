@@ -1,0 +1,218 @@
+"""Will this checkpoint load correctly?  Answered from config files and safetensors headers alone.
+
+No torch, no vLLM: the headers go through the same ``stream.rewrite`` -> ``Ledger`` -> ``verify``
+as a real load, so the doctor and the runtime cannot disagree.  The only tensor data read are the
+per-expert scalar scales (a 30B-A3B checkpoint has 36,864), through mmap at their header offsets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import configfix, verify
+from .errors import CheckpointError
+from .ledger import Ledger
+from .names import COMPRESSED, MODELOPT, UNQUANTIZED, family_of
+from .stream import rewrite
+
+__all__ = ["CANNOT", "NEEDS_SHIM", "STOCK", "Diagnosis", "diagnose", "read_headers"]
+
+CANNOT = "cannot-load-correctly"
+NEEDS_SHIM = "needs-shim"
+STOCK = "loads-with-stock-vllm"
+
+_SCALAR_FORMATS = {"F32": "<f", "F64": "<d", "F16": "<e"}
+#: a gate/up global-scale ratio beyond this is reported (fp8 rounding alone is ~6%)
+MISMATCH_REPORTED = 1.001
+
+
+class Diagnosis:
+    """Everything the doctor found; ``as_dict`` is the --json object."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.quantization = "none"
+        self.family: str | None = UNQUANTIZED
+        self.num_experts: int | None = None
+        self.ledger: Ledger | None = None
+        self.problems: list[CheckpointError] = []
+        self.warnings: list[str] = []
+        self.config_fixes: list[str] = []
+        self.shards = 0
+        self.worst_scale_ratio = 1.0
+        self.mismatched_experts = 0
+
+    @property
+    def renames(self) -> int:
+        return self.ledger.renamed if self.ledger else 0
+
+    @property
+    def verdict(self) -> str:
+        if self.problems:
+            return CANNOT
+        return NEEDS_SHIM if self.renames or self.config_fixes else STOCK
+
+    def as_dict(self) -> dict[str, Any]:
+        ledger = self.ledger
+        return {
+            "path": str(self.path),
+            "verdict": self.verdict,
+            "quantization": self.quantization,
+            "num_experts": self.num_experts,
+            "shards": self.shards,
+            "tensors": ledger.seen if ledger else 0,
+            "renames": self.renames,
+            "layouts": dict(ledger.layouts) if ledger else {},
+            "moe_layers": len(ledger.layers) if ledger else 0,
+            "experts_complete": ledger.complete_experts() if ledger else 0,
+            "config_fixes": self.config_fixes,
+            "gate_up_scale_mismatch": {"experts": self.mismatched_experts, "worst_ratio": round(self.worst_scale_ratio, 6)},
+            "problems": [str(p) for p in self.problems],
+            "problem_tensors": [p.name for p in self.problems],
+            "warnings": self.warnings,
+        }
+
+
+def _quantization(config: Mapping[str, Any], hf_quant: Mapping[str, Any] | None) -> tuple[str, str | None]:
+    q = config.get("quantization_config")
+    if isinstance(q, Mapping) and q.get("quant_method"):
+        method = str(q["quant_method"])
+        algo = str(q.get("quant_algo") or q.get("format") or "").upper()
+    elif hf_quant and isinstance(hf_quant.get("quantization"), Mapping):
+        method = "modelopt" if (hf_quant.get("producer") or {}).get("name") == "modelopt" else "unknown"
+        algo = str(hf_quant["quantization"].get("quant_algo") or "").upper()
+    else:
+        return "none", UNQUANTIZED
+    family = family_of(method)
+    label = {MODELOPT: "ModelOpt", COMPRESSED: "compressed-tensors"}.get(family or "", method)
+    return f"{label} {algo}".strip(), family
+
+
+def read_headers(path: Path) -> tuple[list[Path], Iterator[tuple[str, tuple[Path, str, list[int], int]]]]:
+    """Shards in vLLM's order, and (name, (shard, dtype, shape, data offset)) in vLLM's order."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = sorted({path / f for f in weight_map.values()})
+    else:
+        shards = sorted(path.glob("*.safetensors"))
+
+    def entries() -> Iterator[tuple[str, tuple[Path, str, list[int], int]]]:
+        for shard in shards:
+            with open(shard, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            base = 8 + size
+            for name in sorted(k for k in header if k != "__metadata__"):
+                meta = header[name]
+                yield name, (shard, meta["dtype"], meta["shape"], base + meta["data_offsets"][0])
+
+    return shards, entries()
+
+
+class _Scalars:
+    """Reads one-element tensors straight from the mapped shards (no torch)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def __call__(self, entry: tuple[Path, str, list[int], int]) -> float:
+        shard, dtype, shape, offset = entry
+        if math.prod(shape) != 1:
+            return math.nan  # a per-tensor scale that is not one value cannot be used as one
+        buf = self._maps.get(shard)
+        if buf is None:
+            with open(shard, "rb") as f:
+                buf = self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if dtype == "BF16":
+            return float(struct.unpack_from("<f", b"\0\0" + buf[offset : offset + 2])[0])
+        fmt = _SCALAR_FORMATS.get(dtype)
+        return float(struct.unpack_from(fmt, buf, offset)[0]) if fmt else math.nan
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+
+
+def diagnose(path: str | os.PathLike[str]) -> Diagnosis:
+    """Diagnose a checkpoint directory (raises FileNotFoundError / ValueError for unusable input)."""
+    root = Path(path)
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: point the doctor at a checkpoint directory")
+    config = json.loads(config_file.read_text())
+    hf_quant_file = root / "hf_quant_config.json"
+    hf_quant = json.loads(hf_quant_file.read_text()) if hf_quant_file.is_file() else None
+    d = Diagnosis(root)
+    d.quantization, d.family = _quantization(config, hf_quant)
+    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
+    experts = text.get("num_experts", text.get("num_local_experts"))
+    d.num_experts = experts if isinstance(experts, int) else None
+
+    fills, conflicts = configfix.plan(text)
+    d.config_fixes = [f.describe() for f in fills]
+    d.problems.extend(conflicts)
+
+    shards, entries = read_headers(root)
+    d.shards = len(shards)
+    if not shards:
+        raise ValueError(f"no *.safetensors in {root}")
+    ledger = d.ledger = Ledger(d.family, d.num_experts)
+    scalars = _Scalars()
+    try:
+        for _ in rewrite(entries, ledger, scalar=scalars, on_problem=d.problems.append):
+            pass
+    finally:
+        scalars.close()
+    d.problems.extend(verify.check_complete(ledger))
+    _scale_mismatch(d, ledger)
+    return d
+
+
+def _scale_mismatch(d: Diagnosis, ledger: Ledger) -> None:
+    suffix = "weight_global_scale" if d.family == COMPRESSED else "weight_scale_2"
+    for prefix, layer in ledger.layers.items():
+        for expert in layer.experts:
+            gate = ledger.scalar(prefix, expert, "gate_proj", suffix)
+            up = ledger.scalar(prefix, expert, "up_proj", suffix)
+            if gate is None or up is None or not (verify.usable_scale(gate) and verify.usable_scale(up)):
+                continue
+            ratio = max(gate / up, up / gate)
+            if ratio > MISMATCH_REPORTED:
+                d.mismatched_experts += 1
+                d.worst_scale_ratio = max(d.worst_scale_ratio, ratio)
+    if d.mismatched_experts:
+        d.warnings.append(
+            f"{d.mismatched_experts} experts have gate/up global scales apart (worst ratio "
+            f"{d.worst_scale_ratio:.3f}): vLLM dequantizes up_proj with gate's scale, up to "
+            f"{100 * (d.worst_scale_ratio - 1):.1f}% off; the shim harmonizes them (VLLM_MODELOPT_SHIM_HARMONIZE)"
+        )
+
+
+def render(d: Diagnosis) -> str:
+    """The human-readable table."""
+    data = d.as_dict()
+    rows = [
+        ("checkpoint", data["path"]),
+        ("verdict", data["verdict"]),
+        ("quantization", data["quantization"]),
+        ("experts per layer", str(data["num_experts"])),
+        ("shards / tensors", f"{data['shards']} / {data['tensors']}"),
+        ("expert layouts", ", ".join(f"{k} ({v})" for k, v in data["layouts"].items()) or "none"),
+        ("MoE layers / complete experts", f"{data['moe_layers']} / {data['experts_complete']}"),
+        ("tensors the shim renames", str(data["renames"])),
+        ("config fixes", "; ".join(data["config_fixes"]) or "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    for title, items in (("problems", data["problems"]), ("warnings", data["warnings"])):
+        lines.append(f"{title} ({len(items)}):" if items else f"{title}: none")
+        lines.extend(f"  - {item}" for item in items)
+    return "\n".join(lines)
