@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,33 @@ def run(ckpts: list[Path], shim: bool = True, timeout: float = 900, **overrides:
     if len(results) != len(ckpts):
         raise AssertionError(f"harness exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     _cache[key] = results
+    _record(shim, overrides, results)
     return results
+
+
+def results_file() -> Path:
+    """Where this release's outcomes are kept for scripts/support_table.py (outside the checkout)."""
+    from importlib.metadata import version
+
+    root = Path(os.environ.get("VLLM_MODELOPT_SHIM_RESULTS", Path.home() / ".cache" / "vllm-modelopt-shim" / "results"))
+    return root / f"vllm-{version('vllm')}.json"
+
+
+def _record(shim: bool, overrides: dict[str, str], results: dict[str, dict[str, Any]]) -> None:
+    setting = "stock" if not shim or overrides.get("VLLM_MODELOPT_SHIM") == "0" else "shim"
+    if overrides.get("VLLM_MODELOPT_SHIM_VERIFY") or (setting == "shim" and overrides.get("VLLM_MODELOPT_SHIM_HARMONIZE") != "0"):
+        return  # the table shows the default verification and byte-exact loads
+    path = results_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    for name, r in results.items():
+        ok = r.get("stage") == "loaded" and not r.get("mismatched") and not r.get("unwritten")
+        data[f"{setting}:{name}"] = {
+            "ok": ok,
+            "error": None if ok else f"{r.get('error', 'parameters left unwritten')}: {str(r.get('message', ''))[:90]}",
+            "when": time.strftime("%Y-%m-%d"),
+        }
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def vllm_release() -> tuple[int, int, int]:

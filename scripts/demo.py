@@ -1,0 +1,68 @@
+"""The demo: a tiny ModelOpt-layout NVFP4 Qwen3-VL-MoE checkpoint through real vLLM 0.32.0 on CPU.
+
+    python3 scripts/demo.py [--vllm VERSION] [--keep DIR]
+
+Sets up the cached venv if needed (scripts/venv.py), writes the checkpoint (names, dtypes and
+config exactly as ModelOpt + transformers 4.57 write them), then loads it twice with vLLM's own
+loader: shim off (stock vLLM's error) and shim on (every expert compared with the file's bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import venv as venvs  # noqa: E402  (scripts/venv.py)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(python: Path, ckpt: Path, shim: str) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MODELOPT_SHIM")}
+    env.update(PYTHONPATH=str(ROOT), VLLM_MODELOPT_SHIM=shim, VLLM_MODELOPT_SHIM_HARMONIZE="0")
+    proc = subprocess.run(
+        [str(python), str(ROOT / "tests" / "harness.py"), str(ckpt)], env=env, capture_output=True, text=True, cwd=ckpt.parent
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("HARNESS ")), None)
+    if line is None:
+        sys.exit(f"demo: the vLLM process failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, object] = json.loads(line[len("HARNESS ") :])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm", default=venvs.DEFAULT_VERSION, metavar="VERSION")
+    parser.add_argument("--keep", type=Path, help="write the checkpoint here and keep it")
+    args = parser.parse_args(argv)
+    python = venvs.ensure(args.vllm)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="vllm-modelopt-shim-demo-"))
+    ckpt = work / "qwen3-vl-moe-tiny-nvfp4-modelopt"
+    write = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import checkpoints; checkpoints.write(__import__('pathlib').Path({str(ckpt)!r}))"
+    subprocess.run([str(python), "-c", write], check=True)
+    print(f"checkpoint: {ckpt}")
+    print("  e.g. model.language_model.layers.0.mlp.experts.gate_proj.0.{weight, weight_scale, weight_scale_2, input_scale}")
+
+    print(f"\n[1/2] stock vLLM {args.vllm} (VLLM_MODELOPT_SHIM=0) ...", flush=True)
+    off = load(python, ckpt, "0")
+    print(f"  {off.get('error')}: {str(off.get('message'))[:240]}")
+
+    print(f"\n[2/2] vLLM {args.vllm} with the shim (PYTHONPATH={ROOT}) ...", flush=True)
+    on = load(python, ckpt, "1")
+    for line in on.get("shim_log", []):  # type: ignore[union-attr]
+        print(f"  {line}")
+    ok = on.get("stage") == "loaded" and not on.get("mismatched") and not on.get("unwritten")
+    print(f"  expert parameters compared with the checkpoint bytes: {on.get('checked')}, "
+          f"mismatched: {len(on.get('mismatched', []))}, parameters never written: {len(on.get('unwritten', []))}")  # type: ignore[arg-type]
+    print("\nresult: " + ("stock vLLM fails; with the shim every tensor loads byte-exact" if ok and off.get("error") else "UNEXPECTED"))
+    return 0 if ok and off.get("error") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
