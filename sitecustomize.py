@@ -11,12 +11,18 @@ this source) because compiling even an empty file costs ~1.5 ms under PYTHONDONT
 import os
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
 
 def _chain() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     paths = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     finder = next(f for f in sys.meta_path if getattr(f, "__name__", "") == "PathFinder")
-    spec = finder.find_spec("sitecustomize", paths)  # type: ignore[call-arg]
+    spec = finder.find_spec("sitecustomize", paths)
     if spec is not None and spec.loader is not None:
         module = type(sys)("sitecustomize")
         module.__file__, module.__spec__, module.__loader__ = spec.origin, spec, spec.loader
@@ -28,7 +34,9 @@ class _Doorbell:
 
     vllm_modelopt_shim = True
 
-    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+    def find_spec(
+        self, name: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
+    ) -> "ModuleSpec | None":
         if name != "vllm.model_executor.models.qwen3_vl_moe":
             return None
         try:
@@ -49,5 +57,5 @@ if not getattr(sys.modules.get("sitecustomize"), "vllm_modelopt_shim_rang", Fals
     # the "off" spellings of settings.flag(); tests/process keeps the two in step
     off = os.environ.get("VLLM_MODELOPT_SHIM", "").strip().lower() in ("0", "false", "off", "no")
     if not off and not any(getattr(f, "vllm_modelopt_shim", False) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Doorbell())  # type: ignore[arg-type]
+        sys.meta_path.insert(0, _Doorbell())
 vllm_modelopt_shim_rang = True

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import venv as venvs  # noqa: E402  (scripts/venv.py)
+import venv as venvs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,11 @@ def load(python: Path, ckpt: Path, shim: str) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MODELOPT_SHIM")}
     env.update(PYTHONPATH=str(ROOT), VLLM_MODELOPT_SHIM=shim, VLLM_MODELOPT_SHIM_HARMONIZE="0")
     proc = subprocess.run(
-        [str(python), str(ROOT / "tests" / "harness.py"), str(ckpt)], env=env, capture_output=True, text=True, cwd=ckpt.parent
+        [str(python), str(ROOT / "tests" / "harness.py"), str(ckpt)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ckpt.parent,
     )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("HARNESS ")), None)
     if line is None:
@@ -44,10 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     python = venvs.ensure(args.vllm)
     work = args.keep or Path(tempfile.mkdtemp(prefix="vllm-modelopt-shim-demo-"))
     ckpt = work / "qwen3-vl-moe-tiny-nvfp4-modelopt"
-    write = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import checkpoints; checkpoints.write(__import__('pathlib').Path({str(ckpt)!r}))"
+    tests = str(ROOT / "tests")
+    write = (
+        f"import sys, pathlib; sys.path.insert(0, {tests!r}); import checkpoints; "
+        f"checkpoints.write(pathlib.Path({str(ckpt)!r}))"
+    )
     subprocess.run([str(python), "-c", write], check=True)
     print(f"checkpoint: {ckpt}")
-    print("  e.g. model.language_model.layers.0.mlp.experts.gate_proj.0.{weight, weight_scale, weight_scale_2, input_scale}")
+    print(
+        "  e.g. model.language_model.layers.0.mlp.experts.gate_proj.0.{weight, weight_scale, weight_scale_2, input_scale}"
+    )
 
     print(f"\n[1/2] stock vLLM {args.vllm} (VLLM_MODELOPT_SHIM=0) ...", flush=True)
     off = load(python, ckpt, "0")
@@ -58,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     for line in on.get("shim_log", []):  # type: ignore[union-attr]
         print(f"  {line}")
     ok = on.get("stage") == "loaded" and not on.get("mismatched") and not on.get("unwritten")
-    print(f"  expert parameters compared with the checkpoint bytes: {on.get('checked')}, "
-          f"mismatched: {len(on.get('mismatched', []))}, parameters never written: {len(on.get('unwritten', []))}")  # type: ignore[arg-type]
-    print("\nresult: " + ("stock vLLM fails; with the shim every tensor loads byte-exact" if ok and off.get("error") else "UNEXPECTED"))
+    mismatched, unwritten = on.get("mismatched") or [], on.get("unwritten") or []
+    print(f"  expert parameters compared with the checkpoint bytes: {on.get('checked')}, ", end="")
+    print(f"mismatched: {len(mismatched)}, parameters never written: {len(unwritten)}")  # type: ignore[arg-type]
+    print(
+        "\nresult: "
+        + ("stock vLLM fails; with the shim every tensor loads byte-exact" if ok and off.get("error") else "UNEXPECTED")
+    )
     return 0 if ok and off.get("error") else 1
 
 

@@ -33,7 +33,7 @@ def main() -> int:
         return 1
     data = {f.stem[5:]: json.loads(f.read_text()) for f in files}
     dates = sorted({v["when"] for d in data.values() for v in d.values()})
-    print(f"| checkpoint layout | family | " + " | ".join(f"vLLM {v}" for v in data) + " |")
+    print("| checkpoint layout | family | " + " | ".join(f"vLLM {v}" for v in data) + " |")
     print("|---|---|" + "---|" * len(data))
     for key, layout, family in ROWS:
         cells = []

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import venv as venvs  # noqa: E402  (scripts/venv.py)
+import venv as venvs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -268,7 +268,12 @@ def tensors(
         for norm in ("norm1", "norm2"):
             out[f"{p}.{norm}.weight"] = (1 + _bf16(g, vh)).to(torch.bfloat16)
             out[f"{p}.{norm}.bias"] = _bf16(g, vh)
-        for name, shape in (("attn.qkv", (3 * vh, vh)), ("attn.proj", (vh, vh)), ("mlp.linear_fc1", (vi, vh)), ("mlp.linear_fc2", (vh, vi))):
+        for name, shape in (
+            ("attn.qkv", (3 * vh, vh)),
+            ("attn.proj", (vh, vh)),
+            ("mlp.linear_fc1", (vi, vh)),
+            ("mlp.linear_fc2", (vh, vi)),
+        ):
             out[f"{p}.{name}.weight"] = _bf16(g, *shape)
             out[f"{p}.{name}.bias"] = _bf16(g, shape[0])
     mergers = ["merger"] + [f"deepstack_merger_list.{j}" for j in range(len(d["deepstack"]))]  # type: ignore[arg-type]
@@ -309,7 +314,11 @@ def tensors(
             gate, up, down = _bf16(g, i, h), _bf16(g, i, h), _bf16(g, h, i)
             if x % 2 == 1:
                 up = (up.float() * up_mismatch).to(torch.bfloat16)
-            for proj, w, a in (("gate_proj", gate, in_scale), ("up_proj", up, in_scale), ("down_proj", down, 2 * in_scale)):
+            for proj, w, a in (
+                ("gate_proj", gate, in_scale),
+                ("up_proj", up, in_scale),
+                ("down_proj", down, 2 * in_scale),
+            ):
                 name = f"{experts}.{proj}.{x}" if layout == "legacy" else f"{experts}.{x}.{proj}"
                 _linear(out, name, w, family, a)
     return out
@@ -343,7 +352,10 @@ def write(
     path.mkdir(parents=True, exist_ok=True)
     ts = tensors(family, layout, seed=seed, up_mismatch=up_mismatch, dims=dims)
     if packed_name is not None:
-        ts = {(n[: -len("weight")] + packed_name if n.endswith(".weight") and _is_nvfp4(ts, n) else n): t for n, t in ts.items()}
+        ts = {
+            (n[: -len("weight")] + packed_name if n.endswith(".weight") and _is_nvfp4(ts, n) else n): t
+            for n, t in ts.items()
+        }
     if edit is not None:
         edit(ts)
     cfg = config(family, generation, dims)

@@ -31,7 +31,7 @@ from typing import Any
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 
-import torch  # noqa: E402
+import torch
 
 SENTINEL_BYTE = 0xFF
 _EXPERT = re.compile(
@@ -341,7 +341,9 @@ def _run_one(ckpt: str, attach: Any) -> dict[str, Any]:
     try:
         model, loader, vllm_config = build(ckpt, after_config=attach)
     except Exception as exc:  # construction failure (config problems)
-        result.update(stage="build", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:])
+        result.update(
+            stage="build", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:]
+        )
         return result
     result["model"] = observed(model)
     fill_sentinel(model)
@@ -352,7 +354,9 @@ def _run_one(ckpt: str, attach: Any) -> dict[str, Any]:
             loader.load_weights(model, vllm_config.model_config)
         result["stage"] = "loaded"
     except Exception as exc:
-        result.update(stage="load", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:])
+        result.update(
+            stage="load", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:]
+        )
     result.update(compare(model, Path(ckpt)))
     quant = json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config")
     if quant and result.get("stage") == "loaded":

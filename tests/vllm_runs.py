@@ -64,7 +64,9 @@ def results_file() -> Path:
 
 def _record(shim: bool, overrides: dict[str, str], results: dict[str, dict[str, Any]]) -> None:
     setting = "stock" if not shim or overrides.get("VLLM_MODELOPT_SHIM") == "0" else "shim"
-    if overrides.get("VLLM_MODELOPT_SHIM_VERIFY") or (setting == "shim" and overrides.get("VLLM_MODELOPT_SHIM_HARMONIZE") != "0"):
+    if overrides.get("VLLM_MODELOPT_SHIM_VERIFY") or (
+        setting == "shim" and overrides.get("VLLM_MODELOPT_SHIM_HARMONIZE") != "0"
+    ):
         return  # the table shows the default verification and byte-exact loads
     path = results_file()
     path.parent.mkdir(parents=True, exist_ok=True)

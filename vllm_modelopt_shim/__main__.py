@@ -46,7 +46,9 @@ def status_lines() -> list[str]:
     if version == "unknown":
         lines.append("vLLM: not installed in this interpreter")
         return lines
-    lines.append(f"vLLM: {version} (tested {'.'.join(map(str, patch.TESTED[0]))} to {'.'.join(map(str, patch.TESTED[1]))})")
+    lines.append(
+        f"vLLM: {version} (tested {'.'.join(map(str, patch.TESTED[0]))} to {'.'.join(map(str, patch.TESTED[1]))})"
+    )
     try:
         import importlib
 

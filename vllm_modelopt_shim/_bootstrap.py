@@ -10,6 +10,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from importlib.machinery import ModuleSpec
     from types import ModuleType
 
@@ -35,14 +36,16 @@ class _Loader:
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)  # type: ignore[attr-defined]
-        module.__loader__ = self._loader  # leave no trace on the module
+        module.__loader__ = self._loader  # type: ignore[assignment]  # leave no trace on the module
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader  # type: ignore[assignment]
         sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, MARK, False)]
         _patch(module)
 
 
-def find_spec(finder: object, name: str, path: object = None, target: object = None) -> ModuleSpec | None:
+def find_spec(
+    finder: object, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+) -> ModuleSpec | None:
     """TARGET's spec from the other finders, its loader wrapped so the patch follows execution."""
     for other in sys.meta_path:
         if other is finder or not hasattr(other, "find_spec"):
@@ -60,7 +63,9 @@ class _Finder:
 
     vllm_modelopt_shim = True
 
-    def find_spec(self, name: str, path: object = None, target: object = None) -> ModuleSpec | None:
+    def find_spec(
+        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
         return find_spec(self, name, path, target) if name == TARGET else None
 
 
@@ -70,7 +75,9 @@ def _patch(module: ModuleType) -> None:
 
         patch.apply(module)
     except Exception as exc:  # never break vLLM's import
-        sys.stderr.write(f"vllm-modelopt-shim: could not patch {TARGET} ({type(exc).__name__}: {exc}); vLLM runs stock\n")
+        sys.stderr.write(
+            f"vllm-modelopt-shim: could not patch {TARGET} ({type(exc).__name__}: {exc}); vLLM runs stock\n"
+        )
 
 
 def installed() -> bool:
@@ -84,4 +91,4 @@ def install() -> None:
     if module is not None:
         _patch(module)
     elif not installed():
-        sys.meta_path.insert(0, _Finder())  # type: ignore[arg-type]
+        sys.meta_path.insert(0, _Finder())

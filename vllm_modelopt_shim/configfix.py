@@ -50,13 +50,17 @@ def plan(text: Mapping[str, Any]) -> tuple[list[Fill], list[ConfigConflictError]
         if "num_experts" not in text:
             fills.append(Fill("num_experts", text["num_local_experts"], _WHY_EXPERTS))
         elif text["num_experts"] != text["num_local_experts"]:
-            conflicts.append(_conflict("num_experts", text["num_experts"], "num_local_experts", text["num_local_experts"]))
+            conflicts.append(
+                _conflict("num_experts", text["num_experts"], "num_local_experts", text["num_local_experts"])
+            )
     # Rope: every tested release reads either spelling (measured: 0.17.1 reads rope_parameters, and
     # transformers 5 converts rope_scaling/rope_theta), so only a disagreement needs action.
     rope = text.get("rope_parameters")
     if isinstance(rope, Mapping):
         if "rope_theta" in rope and "rope_theta" in text and text["rope_theta"] != rope["rope_theta"]:
-            conflicts.append(_conflict("rope_theta", text["rope_theta"], "rope_parameters.rope_theta", rope["rope_theta"]))
+            conflicts.append(
+                _conflict("rope_theta", text["rope_theta"], "rope_parameters.rope_theta", rope["rope_theta"])
+            )
         old = text.get("rope_scaling")
         if isinstance(old, Mapping):
             for key, value in rope.items():

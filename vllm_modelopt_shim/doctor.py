@@ -73,7 +73,10 @@ class Diagnosis:
             "moe_layers": len(ledger.layers) if ledger else 0,
             "experts_complete": ledger.complete_experts() if ledger else 0,
             "config_fixes": self.config_fixes,
-            "gate_up_scale_mismatch": {"experts": self.mismatched_experts, "worst_ratio": round(self.worst_scale_ratio, 6)},
+            "gate_up_scale_mismatch": {
+                "experts": self.mismatched_experts,
+                "worst_ratio": round(self.worst_scale_ratio, 6),
+            },
             "problems": [str(p) for p in self.problems],
             "problem_tensors": [p.name for p in self.problems],
             "warnings": self.warnings,

@@ -34,7 +34,7 @@ _TARGET_GATE, _TARGET_UP = 0.02, 0.04  # relative L2 error targets: gate matters
 class Result:
     """What one fold did: experts changed, and the worst relative L2 error before and after."""
 
-    __slots__ = ("experts", "harmonized", "worst_before", "worst_after")
+    __slots__ = ("experts", "harmonized", "worst_after", "worst_before")
 
     def __init__(self) -> None:
         self.experts = 0

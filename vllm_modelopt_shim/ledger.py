@@ -19,7 +19,7 @@ __all__ = ["Layer", "Ledger"]
 class Layer:
     """One MoE layer's per-expert tensors (prefix ends in ``.experts``)."""
 
-    __slots__ = ("prefix", "layouts", "experts", "scalars", "seen", "renamed")
+    __slots__ = ("experts", "layouts", "prefix", "renamed", "scalars", "seen")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix

@@ -81,7 +81,7 @@ def family_of(quant_method: str | None) -> str | None:
 class ExpertName:
     """One parsed expert tensor name; ``expert`` is -1 for fused 3-D tensors."""
 
-    __slots__ = ("prefix", "expert", "proj", "suffix", "layout")
+    __slots__ = ("expert", "layout", "prefix", "proj", "suffix")
 
     def __init__(self, prefix: str, expert: int, proj: str, suffix: str, layout: str) -> None:
         self.prefix = prefix

@@ -235,7 +235,9 @@ def _harmonize(model: Any, modelopt: bool) -> Any:
     from . import harmonize
 
     total = harmonize.Result()
-    glob_name, weight_name = ("w13_weight_scale_2", "w13_weight") if modelopt else ("w13_weight_global_scale", "w13_weight_packed")
+    glob_name, weight_name = (
+        ("w13_weight_scale_2", "w13_weight") if modelopt else ("w13_weight_global_scale", "w13_weight_packed")
+    )
     with torch.no_grad():
         for module in model.modules():
             scales, glob = getattr(module, "w13_weight_scale", None), getattr(module, glob_name, None)

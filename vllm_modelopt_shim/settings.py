@@ -31,10 +31,17 @@ class Settings:
 
     __slots__ = ("enabled", "harmonize", "report_dir", "verify")
 
-    def __init__(self, enabled: bool = True, verify: str = "error", harmonize: bool = True, report_dir: str | None = None) -> None:
+    def __init__(
+        self, enabled: bool = True, verify: str = "error", harmonize: bool = True, report_dir: str | None = None
+    ) -> None:
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
-        for key, value in (("enabled", enabled), ("verify", verify), ("harmonize", harmonize), ("report_dir", report_dir)):
+        for key, value in (
+            ("enabled", enabled),
+            ("verify", verify),
+            ("harmonize", harmonize),
+            ("report_dir", report_dir),
+        ):
             object.__setattr__(self, key, value)
 
     enabled: bool

@@ -49,18 +49,18 @@ def check_tensor(ledger: Ledger, name: str, parsed: ExpertName | None) -> Checkp
         return None
     if parsed.layout == FUSED:
         if ledger.layers:
-            first = next(iter(ledger.layers.values()))
+            prefix = next(iter(ledger.layers))
             return MixedLayoutError(
                 name,
-                f"{name} is a fused 3-D expert tensor, but {first.prefix} holds per-expert tensors: "
+                f"{name} is a fused 3-D expert tensor, but {prefix} holds per-expert tensors: "
                 "one model must use one expert layout; re-export the checkpoint in one layout",
             )
         return None
     if ledger.fused:
-        first = next(iter(ledger.fused.values()))
+        fused = next(iter(ledger.fused.values()))
         return MixedLayoutError(
             name,
-            f"{name} is a per-expert tensor, but {first} is a fused 3-D expert tensor: "
+            f"{name} is a per-expert tensor, but {fused} is a fused 3-D expert tensor: "
             "one model must use one expert layout; re-export the checkpoint in one layout",
         )
     if parsed.suffix == AWQ_SUFFIX:
@@ -154,5 +154,3 @@ def summarize(problems: list[CheckpointError]) -> CheckpointError:
     more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
     error = type(first)(first.name, f"{len(problems)} checkpoint problems:\n  {listed}{more}")
     return error
-
-

@@ -10,9 +10,8 @@ import pytest
 
 pytest.importorskip("torch", reason="integration tests run inside a vLLM venv: python3 scripts/test.py")
 
-import torch  # noqa: E402
-
-import checkpoints  # noqa: E402
+import checkpoints
+import torch
 
 L = "model.language_model.layers"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import vllm_runs
+
 from integration.conftest import T5
 
 pytestmark = pytest.mark.vllm

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import vllm_runs
+
 from integration.conftest import DAMAGED, GOOD, LEGACY
 
 pytestmark = pytest.mark.vllm
@@ -50,7 +50,9 @@ def test_legacy_checkpoints_load_byte_exact_with_the_shim(on: dict[str, Any], na
     assert_byte_exact(on[name])
 
 
-@pytest.mark.parametrize(("legacy", "canonical"), [("modelopt-legacy", "modelopt-canonical"), ("ct-legacy", "ct-canonical")])
+@pytest.mark.parametrize(
+    ("legacy", "canonical"), [("modelopt-legacy", "modelopt-canonical"), ("ct-legacy", "ct-canonical")]
+)
 def test_legacy_with_the_shim_equals_stock_vllm_on_canonical_names(
     on: dict[str, Any], off: dict[str, Any], legacy: str, canonical: str
 ) -> None:
@@ -63,7 +65,9 @@ def test_the_bug_report_spelling_weight_packed_loads_like_weight(on: dict[str, A
 
 
 @pytest.mark.parametrize("name", ["modelopt-canonical", "ct-canonical", "bf16-fused"])
-def test_checkpoints_that_stock_vllm_loads_are_loaded_identically(on: dict[str, Any], off: dict[str, Any], name: str) -> None:
+def test_checkpoints_that_stock_vllm_loads_are_loaded_identically(
+    on: dict[str, Any], off: dict[str, Any], name: str
+) -> None:
     assert on[name]["stage"] == off[name]["stage"] == "loaded"
     assert on[name]["digest"] == off[name]["digest"]
     assert on[name]["unwritten"] == []
@@ -103,7 +107,9 @@ def test_damaged_checkpoints_are_refused_naming_the_tensor(on: dict[str, Any], n
 def test_one_summary_line_per_load(on: dict[str, Any]) -> None:
     lines = on["modelopt-legacy"]["shim_log"]
     assert len(lines) == 1, lines
-    assert lines[0].startswith("INFO vllm-modelopt-shim: 180 tensors seen, 96 renamed, 8 experts verified in 2 MoE layers")
+    assert lines[0].startswith(
+        "INFO vllm-modelopt-shim: 180 tensors seen, 96 renamed, 8 experts verified in 2 MoE layers"
+    )
     assert "s in the shim" in lines[0]
     assert "[patch.py" in on["modelopt-legacy"]["log"]  # printed through vLLM's own log format
 

@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 import vllm_runs
 
 pytestmark = pytest.mark.vllm
@@ -26,6 +25,9 @@ PROBE = textwrap.dedent(
             import traceback
             q.put({"error": traceback.format_exc()})
 
+    def plain(f):
+        return type(f).__name__ == "function"
+
     def inspect():
         import importlib.machinery, os
         import vllm.model_executor.models.qwen3_vl as base
@@ -37,8 +39,8 @@ PROBE = textwrap.dedent(
         before = {
             "applied": patch.is_applied(),
             "wrapped": type(own).__name__ if own is not None else None,
-            "base_untouched": type(base.Qwen3VLForConditionalGeneration.__dict__["load_weights"]).__name__ == "function",
-            "siblings_untouched": all("load_weights" not in c.__dict__ or type(c.__dict__["load_weights"]).__name__ == "function" for c in siblings),
+            "base_untouched": plain(base.Qwen3VLForConditionalGeneration.__dict__["load_weights"]),
+            "siblings_untouched": all(plain(c.__dict__.get("load_weights", plain)) for c in siblings),
             "loader_restored": isinstance(m.__loader__, importlib.machinery.SourceFileLoader),
         }
         if before["applied"]:
@@ -101,7 +103,9 @@ def test_without_wrapt_vllm_is_left_untouched_with_one_warning(tmp_path) -> None
         "import vllm.model_executor.models.qwen3_vl_moe as m\n"
         "print('OWN', 'load_weights' in m.Qwen3VLMoeForConditionalGeneration.__dict__)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=vllm_runs.clean_env(True), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=vllm_runs.clean_env(True), capture_output=True, text=True, timeout=900
+    )
     assert "OWN False" in r.stdout, r.stderr[-2000:]
     lines = [x for x in r.stderr.splitlines() if "vllm-modelopt-shim" in x]
     assert len(lines) == 1 and "pip install wrapt" in lines[0], lines

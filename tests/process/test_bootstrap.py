@@ -27,7 +27,9 @@ def test_startup_imports_nothing_heavy() -> None:
     bare = set(json.loads(py(MODULES, shim=False).stdout))
     armed = set(json.loads(py(MODULES).stdout))
     extra = armed - bare
-    assert not {m for m in armed if m.split(".")[0] in ("wrapt", "torch", "vllm", "typing", "logging", "importlib")} - bare
+    assert (
+        not {m for m in armed if m.split(".")[0] in ("wrapt", "torch", "vllm", "typing", "logging", "importlib")} - bare
+    )
     assert extra == {"sitecustomize"}, extra  # the package itself loads only when vLLM's module does
 
 

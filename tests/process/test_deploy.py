@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import vllm_runs
 
 pytestmark = pytest.mark.vllm
@@ -37,7 +36,12 @@ def harness(python: str, ckpt: Path, env: dict[str, str]) -> dict[str, Any]:
     import json
 
     r = subprocess.run(
-        [python, str(ROOT / "tests" / "harness.py"), str(ckpt)], env=env, capture_output=True, text=True, timeout=900, cwd=ckpt.parent
+        [python, str(ROOT / "tests" / "harness.py"), str(ckpt)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ckpt.parent,
     )
     line = next((x for x in r.stdout.splitlines() if x.startswith("HARNESS ")), None)
     assert line is not None, r.stderr[-3000:]
@@ -52,7 +56,18 @@ def pip_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build"))
     target = tmp / "target"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(src)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(target),
+        str(src),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     return target
 
@@ -100,7 +115,12 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str
     rootfs, venv = tmp / "rootfs", tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True)
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     Path(site.stdout.strip(), "official-image-vllm.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = vllm_runs.clean_env(shim=False)
     env["PYTHONPATH"] = "/somewhere/else"  # the image may set one already: it must be kept
@@ -119,7 +139,9 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str
             subprocess.run(["bash", "-c", arg.replace("python3 ", f"{python} ")], check=True, env=env, timeout=600)
         elif kind == "ENV":
             key, value = arg.split("=", 1)
-            env[key] = subprocess.run(["bash", "-c", f'echo "{value}"'], env=env, capture_output=True, text=True).stdout.strip()
+            env[key] = subprocess.run(
+                ["bash", "-c", f'echo "{value}"'], env=env, capture_output=True, text=True
+            ).stdout.strip()
     return python, rootfs, env
 
 

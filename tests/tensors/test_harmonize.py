@@ -7,16 +7,17 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import checkpoints  # noqa: E402
+
 from vllm_modelopt_shim.harmonize import FP8_MAX, fold  # noqa: E402
 
-I, K = 64, 256
+ROWS, K = 64, 256
 
 
 def expert(up_factor: float, seed: int = 0) -> dict[str, torch.Tensor]:
     """One expert's gate and up, really NVFP4-quantized each with its own global scale (as ModelOpt does)."""
     g = torch.Generator().manual_seed(seed)
-    gate = torch.randn(I, K, generator=g) * 0.05
-    up = torch.randn(I, K, generator=g) * 0.05 * up_factor
+    gate = torch.randn(ROWS, K, generator=g) * 0.05
+    up = torch.randn(ROWS, K, generator=g) * 0.05 * up_factor
     (gp, gs, g2), (up_, us, u2) = checkpoints.quantize(gate), checkpoints.quantize(up)
     return {
         "packed": torch.cat([gp, up_])[None],
@@ -30,7 +31,7 @@ def expert(up_factor: float, seed: int = 0) -> dict[str, torch.Tensor]:
 def vllm_dequant(packed: torch.Tensor, scales: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What vLLM computes: both w13 halves at the gate column's global scale."""
     w = checkpoints.dequantize(packed[0], scales[0], float(s2[0, 0]))
-    return w[:I], w[I:]
+    return w[:ROWS], w[ROWS:]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,9 +60,9 @@ def test_both_halves_match_the_checkpoint_within_fp8_rounding(factor: float, see
 
 def test_gate_stays_exact_when_up_fits_under_gates_scale() -> None:
     x = expert(0.88)
-    before = x["scales"][0, :I].clone()
+    before = x["scales"][0, :ROWS].clone()
     fold(x["scales"], x["s2"], x["packed"], reciprocal=False)
-    assert torch.equal(x["scales"][0, :I].view(torch.uint8), before.view(torch.uint8))
+    assert torch.equal(x["scales"][0, :ROWS].view(torch.uint8), before.view(torch.uint8))
     gate, _ = vllm_dequant(x["packed"], x["scales"], x["s2"])
     assert rel(gate, x["gate"]) == 0.0
 

@@ -15,7 +15,12 @@ from vllm_modelopt_shim.__main__ import main
 from vllm_modelopt_shim.doctor import CANNOT, NEEDS_SHIM, STOCK, diagnose
 
 L = "model.language_model.layers"
-SUFFIXES = {"weight": ("U8", [8, 8]), "weight_scale": ("F8_E4M3", [8, 1]), "weight_scale_2": ("F32", []), "input_scale": ("F32", [])}
+SUFFIXES = {
+    "weight": ("U8", [8, 8]),
+    "weight_scale": ("F8_E4M3", [8, 1]),
+    "weight_scale_2": ("F32", []),
+    "input_scale": ("F32", []),
+}
 
 
 def save(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
@@ -51,7 +56,9 @@ def checkpoint(tmp: Path, layout: str = "legacy", generation: str = "4.57", **ed
     for name in edits.get("drop", ()):
         del ts[name]
     ts.update(edits.get("add", {}))
-    text: dict[str, Any] = {"num_experts": 4, "norm_topk_prob": True} if generation == "4.57" else {"num_local_experts": 4}
+    text: dict[str, Any] = (
+        {"num_experts": 4, "norm_topk_prob": True} if generation == "4.57" else {"num_local_experts": 4}
+    )
     quant = {"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": ["lm_head"]}
     (tmp / "config.json").write_text(json.dumps({"text_config": text, "quantization_config": quant}))
     shards = edits.get("shards")
@@ -95,16 +102,30 @@ def test_gate_up_scale_mismatch_is_a_warning_with_the_worst_ratio(tmp_path: Path
     ("edits", "tensor"),
     [
         ({"drop": [f"{L}.1.mlp.experts.up_proj.3.weight_scale_2"]}, f"{L}.1.mlp.experts.up_proj.3.weight_scale_2"),
-        ({"add": {f"{L}.0.mlp.experts.gate_proj.0.input_scale": tensor("input_scale", 0.0)}}, f"{L}.0.mlp.experts.gate_proj.0.input_scale"),
+        (
+            {"add": {f"{L}.0.mlp.experts.gate_proj.0.input_scale": tensor("input_scale", 0.0)}},
+            f"{L}.0.mlp.experts.gate_proj.0.input_scale",
+        ),
         ({"add": {f"{L}.0.mlp.experts.gate_proj.7.weight": tensor("weight")}}, f"{L}.0.mlp.experts.gate_proj.7.weight"),
         ({"add": {f"{L}.0.mlp.experts.0.gate_proj.weight": tensor("weight")}}, f"{L}.0.mlp.experts.gate_proj.0.weight"),
-        ({"add": {f"{L}.0.mlp.experts.gate_proj.0.pre_quant_scale": ("BF16", [8], bytes(16))}}, f"{L}.0.mlp.experts.gate_proj.0.pre_quant_scale"),
-        ({"add": {f"{L}.1.mlp.experts.gate_up_proj": ("BF16", [4, 8, 8], bytes(512))}}, f"{L}.1.mlp.experts.gate_up_proj"),
-        ({"add": {f"{L}.0.mlp.experts.gate_proj.0.weight_global_scale": ("F32", [1], bytes(4))}}, f"{L}.0.mlp.experts.gate_proj.0.weight_global_scale"),
+        (
+            {"add": {f"{L}.0.mlp.experts.gate_proj.0.pre_quant_scale": ("BF16", [8], bytes(16))}},
+            f"{L}.0.mlp.experts.gate_proj.0.pre_quant_scale",
+        ),
+        (
+            {"add": {f"{L}.1.mlp.experts.gate_up_proj": ("BF16", [4, 8, 8], bytes(512))}},
+            f"{L}.1.mlp.experts.gate_up_proj",
+        ),
+        (
+            {"add": {f"{L}.0.mlp.experts.gate_proj.0.weight_global_scale": ("F32", [1], bytes(4))}},
+            f"{L}.0.mlp.experts.gate_proj.0.weight_global_scale",
+        ),
     ],
     ids=["missing-scale", "zero-input-scale", "out-of-range", "duplicate", "awq", "mixed-layout", "mixed-family"],
 )
-def test_damaged_checkpoints_cannot_load_correctly_naming_the_tensor(tmp_path: Path, edits: dict[str, Any], tensor: str) -> None:
+def test_damaged_checkpoints_cannot_load_correctly_naming_the_tensor(
+    tmp_path: Path, edits: dict[str, Any], tensor: str
+) -> None:
     d = diagnose(checkpoint(tmp_path, **edits))
     assert d.verdict == CANNOT
     assert tensor in d.as_dict()["problem_tensors"] or any(tensor in p for p in d.as_dict()["problems"])
@@ -119,7 +140,9 @@ def test_a_multi_shard_index_is_read_across_shards(tmp_path: Path) -> None:
     assert d.shards == 2 and d.verdict == NEEDS_SHIM and d.renames == 96
 
 
-def test_json_is_exactly_one_object_and_exit_codes_follow_the_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_is_exactly_one_object_and_exit_codes_follow_the_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     good = checkpoint(tmp_path / "a" if (tmp_path / "a").mkdir() is None else tmp_path)
     assert main(["doctor", str(good), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -147,8 +170,7 @@ def test_human_output_is_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_pure_modules_import_neither_torch_nor_vllm() -> None:
     code = (
         "import sys\n"
-        "import vllm_modelopt_shim.doctor, vllm_modelopt_shim.names, vllm_modelopt_shim.ledger, vllm_modelopt_shim.verify\n"
-        "import vllm_modelopt_shim.stream, vllm_modelopt_shim.configfix, vllm_modelopt_shim.settings\n"
+        "from vllm_modelopt_shim import doctor, names, ledger, verify, stream, configfix, settings\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'wrapt')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])

@@ -22,14 +22,24 @@ P = "model.language_model.layers.7.mlp.experts"
 
 projs = st.sampled_from(["gate_proj", "up_proj", "down_proj"])
 suffixes = st.sampled_from(
-    ["weight", "weight_scale", "weight_scale_2", "input_scale", "weight_packed", "weight_global_scale", "input_global_scale"]
+    [
+        "weight",
+        "weight_scale",
+        "weight_scale_2",
+        "input_scale",
+        "weight_packed",
+        "weight_global_scale",
+        "input_global_scale",
+    ]
 )
 families = st.sampled_from([MODELOPT, COMPRESSED, UNQUANTIZED, None])
 layers = st.integers(0, 95)
 experts = st.integers(0, 511)
 # names that are not per-expert tensors: attention, norms, router, vision, fused experts
 other_names = st.one_of(
-    st.from_regex(r"\Amodel\.language_model\.layers\.\d{1,2}\.self_attn\.[qkvo]_proj\.(weight|weight_scale|input_scale)\Z"),
+    st.from_regex(
+        r"\Amodel\.language_model\.layers\.\d{1,2}\.self_attn\.[qkvo]_proj\.(weight|weight_scale|input_scale)\Z"
+    ),
     st.from_regex(r"\Amodel\.visual\.blocks\.\d\.(attn\.qkv|mlp\.linear_fc1)\.(weight|bias)\Z"),
     st.from_regex(r"\Amodel\.language_model\.layers\.\d{1,2}\.mlp\.(gate\.weight|experts\.(gate_up_proj|down_proj))\Z"),
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz._0123456789", max_size=80),

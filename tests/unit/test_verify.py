@@ -69,7 +69,7 @@ def test_tensors_are_forwarded_by_identity_in_order() -> None:
     ledger = Ledger(MODELOPT, 4)
     out = list(rewrite(objs, ledger, check=False))
     assert [t for _, t in out] == [t for _, t in objs]
-    assert all(a is b for (_, a), (_, b) in zip(out, objs))
+    assert all(a is b for (_, a), (_, b) in zip(out, objs, strict=True))
 
 
 def test_stream_is_lazy() -> None:
