@@ -55,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     subprocess.run([str(python), "-c", write], check=True)
     print(f"checkpoint: {ckpt}")
-    print(
-        "  e.g. model.language_model.layers.0.mlp.experts.gate_proj.0.{weight, weight_scale, weight_scale_2, input_scale}"
-    )
+    print("  e.g. model.language_model.layers.0.mlp.experts.gate_proj.0.", end="")
+    print("{weight, weight_scale, weight_scale_2, input_scale}")
 
     print(f"\n[1/2] stock vLLM {args.vllm} (VLLM_MODELOPT_SHIM=0) ...", flush=True)
     off = load(python, ckpt, "0")

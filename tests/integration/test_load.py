@@ -123,3 +123,24 @@ def test_warn_mode_loads_and_logs_instead_of_refusing(paths: Paths) -> None:
     assert any("WARNING" in x and "layers.1.mlp.experts.up_proj.1.input_scale = 0.0" in x for x in zero["shim_log"])
     assert any("VLLM_MODELOPT_SHIM_VERIFY=warn" in x for x in dup["shim_log"])
     assert any("1 refused" in x for x in dup["shim_log"])
+
+
+def test_the_report_lists_every_layer_and_everything_not_loaded(paths: Paths, tmp_path: Path) -> None:
+    import json
+
+    report_dir = tmp_path / "reports"
+    vllm_runs.run(
+        paths("modelopt-legacy", "duplicate"),
+        VLLM_MODELOPT_SHIM_VERIFY="warn",
+        VLLM_MODELOPT_SHIM_HARMONIZE="0",
+        VLLM_MODELOPT_SHIM_REPORT=str(report_dir),
+    )
+    (report,) = report_dir.glob("vllm-modelopt-shim-*.json")  # one file per process, named by pid
+    data = json.loads(report.read_text())
+    assert report.name == f"vllm-modelopt-shim-{data['pid']}.json" and len(data["loads"]) == 2
+    good, dup = data["loads"]
+    assert good["tensors_seen"] == 180 and good["renamed"] == 96 and good["not_loaded"] == []
+    assert set(good["layers"]) == {f"model.language_model.layers.{i}.mlp.experts" for i in (0, 1)}
+    assert all(v == {"tensors_seen": 48, "renamed": 48, "experts_verified": 4} for v in good["layers"].values())
+    (refused,) = dup["not_loaded"]
+    assert refused["tensor"].endswith("experts.up_proj.1.weight_scale") and "second copy" in refused["reason"]

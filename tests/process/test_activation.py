@@ -109,3 +109,18 @@ def test_without_wrapt_vllm_is_left_untouched_with_one_warning(tmp_path) -> None
     assert "OWN False" in r.stdout, r.stderr[-2000:]
     lines = [x for x in r.stderr.splitlines() if "vllm-modelopt-shim" in x]
     assert len(lines) == 1 and "pip install wrapt" in lines[0], lines
+
+
+def test_status_says_what_the_shim_does_in_this_interpreter() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "vllm_modelopt_shim", "status"],
+        env=vllm_runs.clean_env(True, VLLM_MODELOPT_SHIM_VERIFY="warn"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "shim: on (default)" in out and "verify=warn" in out and "wrapt: " in out
+    assert "Qwen3VLMoeForConditionalGeneration.load_weights found" in out
+    assert "patch applied: True" in out
