@@ -9,6 +9,7 @@ as expected it logs one line and leaves vLLM stock.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -56,13 +57,20 @@ def vllm_version() -> str:
 
 
 def _release(version: str) -> tuple[int, ...] | None:
+    """(major, minor, patch) from a version string such as 0.32.0+cpu or 0.20.1rc1."""
     parts = []
     for piece in version.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
-        if not digits:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
             return None
-        parts.append(int(digits))
+        parts.append(int(digits.group()))
     return tuple(parts)
+
+
+def untested(version: str) -> bool:
+    """Outside the releases the matrix proves (any 0.33.x counts as tested); unknown: not flagged."""
+    release = _release(version)
+    return release is not None and not (TESTED[0] <= release <= (*TESTED[1][:2], 10**6))
 
 
 def target_class(module: ModuleType) -> type | None:
@@ -107,8 +115,7 @@ def apply(module: ModuleType) -> bool:
         _state["reason"] = "wrapt is not installed"
         _warn(f"wrapt is not installed in {sys.prefix}: `pip install wrapt` there; vLLM {version} runs stock")
         return False
-    release = _release(version)
-    if release is not None and not (TESTED[0] <= release[: len(TESTED[0])] and release[:2] <= TESTED[1][:2]):
+    if untested(version):
         _warn(
             f"vLLM {version} is outside the tested range "
             f"{'.'.join(map(str, TESTED[0]))}-{'.'.join(map(str, TESTED[1]))}; the shim stays active"
