@@ -31,12 +31,11 @@ from typing import Any
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-import env as e2e_env  # noqa: E402
-import tiny_model  # noqa: E402
-import vllm_runs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: checkpoints, vllm_runs, e2e
+import vllm_runs
+
+from e2e import env as e2e_env
+from e2e import tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
@@ -213,7 +212,8 @@ def test_shim_serves_legacy_checkpoint_exactly_as_stock_serves_canonical(ckpts: 
 
 def test_shim_agrees_with_pure_torch_dequantized_reference(ckpts: dict[str, Path], workdir: Path) -> None:
     import torch
-    from reference import Reference
+
+    from e2e.reference import Reference
 
     answers = _served("shim_tp1", ckpts, workdir)["answers"]
     refs = {g: Reference(ckpts["legacy"], w13_global=g) for g in ("gate", "own")}
