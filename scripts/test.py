@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for version in args.vllm:
         python = venvs.ensure(version)
-        # the matrix repeats only what depends on vLLM; pure tests run with the default release
-        paths = ["tests"] if version == args.vllm[0] else ["tests/integration", "tests/process"]
+        # the matrix repeats what depends on the vLLM release; the rest runs with the default one
+        paths = ["tests"] if version == venvs.DEFAULT_VERSION else ["tests/integration", "tests/process"]
         cmd = [str(python), "-m", "pytest", *paths, "-q", *args.pytest_args]
         print(f"== vLLM {version}: {' '.join(cmd)}", flush=True)
         started = time.monotonic()

