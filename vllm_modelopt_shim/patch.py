@@ -154,8 +154,13 @@ def _init(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, 
         if hf_config is not None:
             from . import configfix
 
-            for line in configfix.reconcile(hf_config, source=_config_source(vllm_config)):
-                logger.info("vllm-modelopt-shim: %s", line)
+            try:
+                for line in configfix.reconcile(hf_config, source=_config_source(vllm_config)):
+                    logger.info("vllm-modelopt-shim: %s", line)
+            except CheckpointError:
+                raise  # a config that spells one setting two ways: refused on purpose
+            except Exception as exc:  # anything else is our bug: never break a model that builds
+                logger.warning("vllm-modelopt-shim: config check skipped (%s: %s)", type(exc).__name__, exc)
     return wrapped(*args, **kwargs)
 
 
@@ -251,9 +256,17 @@ def _harmonize(model: Any, modelopt: bool) -> Any:
             weights = getattr(module, weight_name, None)
             if not isinstance(scales, torch.Tensor) or not isinstance(glob, torch.Tensor):
                 continue
-            if scales.dtype != torch.float8_e4m3fn or glob.dim() != 2 or glob.shape[1] != 2:
+            if (
+                scales.dtype != torch.float8_e4m3fn
+                or scales.dim() != 3
+                or scales.shape[1] % 2
+                or glob.dim() != 2
+                or tuple(glob.shape) != (scales.shape[0], 2)
+            ):
                 continue  # not the layout this fold understands: leave it exactly as loaded
             packed = weights.data if isinstance(weights, torch.Tensor) and weights.dtype == torch.uint8 else None
+            if packed is not None and tuple(packed.shape[:2]) != tuple(scales.shape[:2]):
+                packed = None  # energies unknown: every block counts equally
             total.add(harmonize.fold(scales.data, glob.data, packed, reciprocal=not modelopt))
     return total if total.experts else None
 
