@@ -63,5 +63,8 @@ def test_without_the_shim_transformers_5_configs_fail_as_upstream(off: dict[str,
     if vllm_runs.vllm_release() >= (0, 24, 0):
         assert r["stage"] == "build" and r["error"] == "AttributeError" and "norm_topk_prob" in r["message"], r
     else:  # transformers 4.57 reads num_experts as its default, 60, and loading dies
-        assert r["stage"] in ("build", "load") and r["error"] in ("AssertionError", "RuntimeError"), r
-        assert r["model"]["num_experts"] == 60 if "model" in r else "60" in r["message"]
+        assert r["stage"] == "load" and r["model"]["num_experts"] == 60, r
+        if name == "t5-modelopt-legacy":  # the legacy layout's own IndexError comes first
+            assert r["error"] == "IndexError" and "Dimension out of range" in r["message"], r
+        else:
+            assert r["error"] == "AssertionError" and "torch.Size([60, 256])" in r["message"], r
