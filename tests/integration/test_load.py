@@ -30,9 +30,10 @@ def off(paths: Paths) -> dict[str, dict[str, Any]]:
 
 def upstream_error(name: str = "modelopt-legacy") -> tuple[str, str]:
     """What stock vLLM raises on the legacy layout (facts.md section 1; measured per release)."""
-    if vllm_runs.vllm_release() < (0, 25, 0):
-        if name == "modelopt-split":  # gate/up arrive first: 0.17's own loop looks them up by name
-            return "KeyError", "experts.gate_proj.0.weight"
+    release = vllm_runs.vllm_release()
+    if release < (0, 24, 0) and name == "modelopt-split":  # gate/up first: 0.17 looks them up by name
+        return "KeyError", "experts.gate_proj.0.weight"
+    if release < (0, 25, 0):  # 0.24 skips gate/up silently, then crashes on the first down_proj
         return "IndexError", "Dimension out of range"
     return "AttributeError", "has no parameter 'w2_weight.0."
 
