@@ -103,7 +103,7 @@ def read_headers(path: Path) -> tuple[list[Path], Iterator[tuple[str, tuple[Path
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
-        shards = sorted({path / f for f in weight_map.values()})
+        shards = sorted(path / f for f in set(weight_map.values()))
     else:
         shards = sorted(path.glob("*.safetensors"))
 

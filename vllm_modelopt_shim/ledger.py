@@ -48,6 +48,7 @@ class Ledger:
         self.fused: dict[str, str] = {}  # experts prefix -> first fused tensor name
         self.routers: dict[str, str] = {}  # experts prefix implied by a router -> router name
         self.slots: dict[tuple[str, str], int] = {}  # (proj, canonical suffix) -> bit
+        self._bits: dict[tuple[str, str], int] = {}  # (proj, suffix as written) -> bit: the hot-path cache
         self.raw_suffixes: dict[str, str] = {}  # per-expert suffix as written -> first name
         self.refused: list[tuple[str, str]] = []  # (tensor, reason): not forwarded to vLLM
         self.layouts: dict[str, int] = {}  # expert layout -> tensors seen in it
@@ -68,13 +69,18 @@ class Ledger:
         layer.layouts.add(parsed.layout)
         return layer
 
+    def bit(self, parsed: ExpertName) -> int:
+        """The slot of this tensor's (projection, canonical suffix), cached by its written suffix."""
+        key = (parsed.proj, parsed.suffix)
+        bit = self._bits.get(key)
+        if bit is None:
+            bit = self._bits[key] = self.slot(parsed.proj, canonical_suffix(parsed.suffix, self.family))
+        return bit
+
     def has(self, parsed: ExpertName) -> bool:
         """Whether this expert tensor (in either layout or spelling) was recorded already."""
         layer = self.layers.get(parsed.prefix)
-        if layer is None:
-            return False
-        bit = self.slots.get((parsed.proj, canonical_suffix(parsed.suffix, self.family)))
-        return bit is not None and bool(layer.experts.get(parsed.expert, 0) >> bit & 1)
+        return layer is not None and bool(layer.experts.get(parsed.expert, 0) >> self.bit(parsed) & 1)
 
     def record(self, name: str, new: str, parsed: ExpertName | None, value: float | None = None) -> None:
         """Note one forwarded tensor; ``value`` is given for scalar scales."""
@@ -93,7 +99,7 @@ class Ledger:
         layer = self.layer(parsed)
         layer.seen += 1
         layer.renamed += renamed
-        bit = self.slot(parsed.proj, canonical_suffix(parsed.suffix, self.family))
+        bit = self.bit(parsed)
         layer.experts[parsed.expert] = layer.experts.get(parsed.expert, 0) | 1 << bit
         if value is not None:
             layer.scalars[parsed.expert << 16 | bit] = value

@@ -57,12 +57,6 @@ AWQ_SUFFIX = "pre_quant_scale"
 #: packed weight the compressed-tensors way; in a ModelOpt model it means ``weight``.
 _PACKED = "weight_packed"
 
-_PER_EXPERT = re.compile(
-    r"^(?P<prefix>.+\.experts)\."
-    r"(?:(?P<lproj>gate_proj|up_proj|down_proj)\.(?P<lidx>\d+)"
-    r"|(?P<cidx>\d+)\.(?P<cproj>gate_proj|up_proj|down_proj))"
-    r"\.(?P<suffix>[A-Za-z_]\w*)$"
-)
 _FUSED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:[._](?P<suffix>[A-Za-z]\w*))?$")
 
 
@@ -107,15 +101,24 @@ class ExpertName:
     __hash__ = None  # type: ignore[assignment]
 
 
+_PROJ_SET = frozenset(PROJECTIONS)
+
+
 def parse(name: str) -> ExpertName | None:
-    """Parse an expert tensor name in any layout; None for every other tensor."""
+    """Parse an expert tensor name in any layout; None for every other tensor.
+
+    Hot path (73,728 expert tensors in a 30B-A3B load): string splits, no regex, for per-expert names.
+    """
     if ".experts." not in name:
         return None
-    m = _PER_EXPERT.match(name)
-    if m is not None:
-        if m.group("lproj") is not None:
-            return ExpertName(m.group("prefix"), int(m.group("lidx")), m.group("lproj"), m.group("suffix"), LEGACY)
-        return ExpertName(m.group("prefix"), int(m.group("cidx")), m.group("cproj"), m.group("suffix"), CANONICAL)
+    parts = name.rsplit(".", 3)
+    if len(parts) == 4:
+        head, a, b, suffix = parts
+        if head.endswith(".experts") and len(head) > 8 and suffix.isidentifier() and suffix.isascii():
+            if a in _PROJ_SET and b.isdigit() and b.isascii():
+                return ExpertName(head, int(b), a, suffix, LEGACY)
+            if b in _PROJ_SET and a.isdigit() and a.isascii():
+                return ExpertName(head, int(a), b, suffix, CANONICAL)
     m = _FUSED.match(name)
     if m is not None:
         return ExpertName(m.group("prefix"), -1, m.group("proj"), m.group("suffix") or "", FUSED)

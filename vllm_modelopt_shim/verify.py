@@ -29,6 +29,12 @@ _AWQ_HINT = (
 )
 
 
+#: per family, the per-expert suffixes accepted as written (ModelOpt also takes the `weight_packed` spelling)
+_ALLOWED = {
+    family: suffixes | ({"weight_packed"} if family == MODELOPT else set()) for family, suffixes in FAMILIES.items()
+}
+
+
 def usable_scale(value: float) -> bool:
     """Global and input scales must be finite and > 0: zeros make vLLM emit NaN or one repeated token."""
     return math.isfinite(value) and value > 0.0
@@ -66,22 +72,20 @@ def check_tensor(ledger: Ledger, name: str, parsed: ExpertName | None) -> Checkp
     if parsed.suffix == AWQ_SUFFIX:
         return UnsupportedTensorError(name, f"{name}: {_AWQ_HINT}")
     family = ledger.family
-    if family is not None:
-        allowed = FAMILIES[family] | ({"weight_packed"} if family == MODELOPT else frozenset())
-        if parsed.suffix not in allowed:
-            other = _other_family(parsed.suffix, family)
-            if other is not None:
-                return MixedLayoutError(
-                    name,
-                    f"{name} has the {other} suffix {parsed.suffix!r} in a {family} checkpoint: the two "
-                    "families' scales mean different things (their global scales are reciprocals) and are "
-                    "never mixed; re-export the checkpoint with one tool",
-                )
-            return UnsupportedTensorError(
+    if family is not None and parsed.suffix not in _ALLOWED[family]:
+        other = _other_family(parsed.suffix, family)
+        if other is not None:
+            return MixedLayoutError(
                 name,
-                f"{name} has suffix {parsed.suffix!r}, which no {family} NVFP4 expert carries "
-                f"(expected one of {sorted(allowed)}); the checkpoint is damaged or from an unknown exporter",
+                f"{name} has the {other} suffix {parsed.suffix!r} in a {family} checkpoint: the two "
+                "families' scales mean different things (their global scales are reciprocals) and are "
+                "never mixed; re-export the checkpoint with one tool",
             )
+        return UnsupportedTensorError(
+            name,
+            f"{name} has suffix {parsed.suffix!r}, which no {family} NVFP4 expert carries "
+            f"(expected one of {sorted(_ALLOWED[family])}); the checkpoint is damaged or from an unknown exporter",
+        )
     if ledger.num_experts is not None and parsed.expert >= ledger.num_experts:
         return ExpertIndexError(
             name,
