@@ -181,8 +181,8 @@ def diagnose(path: str | os.PathLike[str]) -> Diagnosis:
 
 def _scale_mismatch(d: Diagnosis, ledger: Ledger) -> None:
     suffix = "weight_global_scale" if d.family == COMPRESSED else "weight_scale_2"
-    for prefix, layer in ledger.layers.items():
-        for expert in layer.experts:
+    for prefix in ledger.layers:
+        for expert in range(ledger.expected_experts()):
             gate = ledger.scalar(prefix, expert, "gate_proj", suffix)
             up = ledger.scalar(prefix, expert, "up_proj", suffix)
             if gate is None or up is None or not (verify.usable_scale(gate) and verify.usable_scale(up)):

@@ -170,10 +170,11 @@ def _config_source(vllm_config: Any) -> str | None:
 
 
 def _scalar(tensor: Any) -> float:
-    if tensor.numel() == 1:
+    try:
         return float(tensor.item())
-    t = tensor.float()
-    return float(t.min().item()) if bool(t.isfinite().all()) else float("nan")
+    except RuntimeError:  # a "scale" with several elements cannot be used as one: report its worst
+        t = tensor.float()
+        return float(t.min().item()) if bool(t.isfinite().all()) else float("nan")
 
 
 def _family(instance: Any) -> str | None:
@@ -212,6 +213,7 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     harmonized = None
     try:
         loaded = wrapped(stream, *args, **kwargs)
+        stream.close()  # a loader that stopped early still gets its pending scale values read
         started = time.perf_counter()
         problems = verify.check_complete(ledger) if check else []
         if problems and settings.verify == "error":

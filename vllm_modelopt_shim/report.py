@@ -16,7 +16,7 @@ __all__ = ["entry", "write"]
 
 def entry(ledger: Ledger, problems: list[CheckpointError], harmonized: object | None) -> dict[str, Any]:
     """What one load saw, per MoE layer, and everything it did not load with the reason."""
-    full = ledger.full_mask()
+    full, experts = ledger.full_mask(), ledger.expected_experts()
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "family": ledger.family,
@@ -28,7 +28,7 @@ def entry(ledger: Ledger, problems: list[CheckpointError], harmonized: object | 
             prefix: {
                 "tensors_seen": layer.seen,
                 "renamed": layer.renamed,
-                "experts_verified": sum(mask == full for mask in layer.experts.values()),
+                "experts_verified": layer.complete(full, experts),
             }
             for prefix, layer in ledger.layers.items()
         },

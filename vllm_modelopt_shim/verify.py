@@ -18,7 +18,7 @@ from .errors import (
     UnsupportedTensorError,
     UnusableScaleError,
 )
-from .ledger import Ledger
+from .ledger import STRIDE, Ledger
 from .names import AWQ_SUFFIX, FAMILIES, FUSED, MODELOPT, PROJECTIONS, ExpertName
 
 __all__ = ["check_tensor", "check_complete", "summarize", "usable_scale"]
@@ -37,7 +37,7 @@ _ALLOWED = {
 
 def usable_scale(value: float) -> bool:
     """Global and input scales must be finite and > 0: zeros make vLLM emit NaN or one repeated token."""
-    return math.isfinite(value) and value > 0.0
+    return 0.0 < value < math.inf  # NaN compares false
 
 
 def _other_family(suffix: str, family: str) -> str | None:
@@ -121,11 +121,14 @@ def check_complete(ledger: Ledger) -> list[CheckpointError]:
     experts = ledger.expected_experts()
     suffixes = ledger.suffixes()
     slots = [(proj, suffix, ledger.slot(proj, suffix)) for suffix in suffixes for proj in PROJECTIONS]
+    slots = [(proj, suffix, slot) for proj, suffix, slot in slots if slot < STRIDE]  # the rest are not tracked
     full = ledger.full_mask()
     missing: list[str] = []
     for layer in ledger.layers.values():
+        if layer.complete(full, experts) == experts:
+            continue
         for expert in range(experts):
-            mask = layer.experts.get(expert, 0)
+            mask = layer.mask(expert)
             if mask != full:
                 missing.extend(layer.name(expert, p, s) for p, s, bit in slots if not mask >> bit & 1)
     if missing:
@@ -137,15 +140,14 @@ def check_complete(ledger: Ledger) -> list[CheckpointError]:
             f"{shown}. Restore them from the original export (a shard may be incomplete)"
         )
         problems.append(MissingTensorError(missing[0], message))
-    for name, value in ledger.scalars():
-        if not usable_scale(value):
-            problems.append(
-                UnusableScaleError(
-                    name,
-                    f"{name} = {value!r}: global and input scales must be finite and > 0 (vLLM would emit NaN "
-                    "or one repeated token); recalibrate so this expert sees data, or re-export",
-                )
+    for name, value in ledger.scalars(lambda value: not 0.0 < value < math.inf):  # not usable_scale(), inlined
+        problems.append(
+            UnusableScaleError(
+                name,
+                f"{name} = {value!r}: global and input scales must be finite and > 0 (vLLM would emit NaN "
+                "or one repeated token); recalibrate so this expert sees data, or re-export",
             )
+        )
     return problems
 
 

@@ -1,0 +1,183 @@
+"""The stream's fast path: every MoE layer after the first decides exactly like the general path.
+
+The first layer's tensors go through ``verify`` one by one; later layers are matched against
+``Ledger.expect``.  Damage placed in any layer must give the same error, naming the same tensor.
+Pure: the 'tensors' are plain floats, as in test_verify.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_modelopt_shim import (
+    DuplicateTensorError,
+    ExpertIndexError,
+    MissingTensorError,
+    MixedLayoutError,
+    UnsupportedTensorError,
+    UnusableScaleError,
+)
+from vllm_modelopt_shim.errors import CheckpointError
+from vllm_modelopt_shim.ledger import Ledger
+from vllm_modelopt_shim.names import MODELOPT, canonical, legacy
+from vllm_modelopt_shim.stream import rewrite
+from vllm_modelopt_shim.verify import check_complete, summarize
+
+SUFFIXES = ("input_scale", "weight", "weight_scale", "weight_scale_2")  # the order safetensors sorts them in
+LAYERS = 3
+
+
+def prefix(layer: int) -> str:
+    return f"model.language_model.layers.{layer}.mlp.experts"
+
+
+def checkpoint(experts: int = 4, layout: str = "legacy") -> list[tuple[str, float]]:
+    names: list[tuple[str, float]] = []
+    for layer in range(LAYERS):
+        for proj in ("down_proj", "gate_proj", "up_proj"):
+            for e in range(experts):
+                for s in SUFFIXES:
+                    mid = f"{proj}.{e}" if layout == "legacy" else f"{e}.{proj}"
+                    names.append((f"{prefix(layer)}.{mid}.{s}", 0.5 + e / 100))
+        names.append((f"model.language_model.layers.{layer}.mlp.gate.weight", 1.0))
+        names.append((f"model.language_model.layers.{layer}.self_attn.q_proj.weight", 1.0))
+    return names
+
+
+def load(names: list[tuple[str, float]], experts: int | None = 4, check: bool = True) -> tuple[list[str], Ledger]:
+    ledger = Ledger(MODELOPT, experts)
+    out = [n for n, _ in rewrite(names, ledger, check=check, scalar=float)]
+    if check and (problems := check_complete(ledger)):
+        raise summarize(problems)
+    return out, ledger
+
+
+def after(names: list[tuple[str, float]], anchor: str, extra: tuple[str, float]) -> list[tuple[str, float]]:
+    at = [n for n, _ in names].index(anchor) + 1
+    return [*names[:at], extra, *names[at:]]
+
+
+def test_every_layer_after_the_first_takes_the_fast_path() -> None:
+    names = checkpoint()
+    out, ledger = load(names)
+    assert out == [canonical(n) for n, _ in names]
+    assert ledger.complete_experts() == LAYERS * 4 and ledger.seen == len(names)
+    assert ledger.renamed == LAYERS * 48 and ledger.layouts == {"legacy": LAYERS * 48}
+    # the fast table holds each expert-relative name once, learned in layer 0
+    assert len(ledger.fast) == 48 and "gate_proj.3.weight_scale_2" in ledger.fast
+
+
+def damage(kind: str, layer: int) -> tuple[list[tuple[str, float]], str]:
+    """A checkpoint damaged in ``layer``, and the tensor the error must name."""
+    names = checkpoint()
+    p = prefix(layer)
+    if kind == "zero scale":
+        bad = f"{p}.up_proj.1.input_scale"
+        return [(n, 0.0 if n == bad else v) for n, v in names], bad
+    if kind == "nan scale":
+        bad = f"{p}.gate_proj.2.weight_scale_2"
+        return [(n, math.nan if n == bad else v) for n, v in names], bad
+    if kind == "same name twice":
+        bad = f"{p}.down_proj.1.weight"
+        return after(names, bad, (bad, 1.0)), bad
+    if kind == "both layouts":
+        bad = f"{p}.2.up_proj.weight_scale"  # canonical copy of a legacy tensor already read
+        return after(names, f"{p}.up_proj.2.weight_scale", (bad, 1.0)), bad
+    if kind == "expert out of range":
+        bad = f"{p}.gate_proj.4.weight"
+        return after(names, f"{p}.gate_proj.3.weight", (bad, 1.0)), bad
+    if kind == "missing":
+        bad = f"{p}.down_proj.3.weight_scale"
+        return [(n, v) for n, v in names if n != bad], bad
+    if kind == "awq":
+        bad = f"{p}.gate_proj.0.pre_quant_scale"
+        return after(names, f"{p}.gate_proj.0.weight", (bad, 1.0)), bad
+    if kind == "other family":
+        bad = f"{p}.up_proj.0.weight_global_scale"
+        return after(names, f"{p}.up_proj.0.weight", (bad, 1.0)), bad
+    raise AssertionError(kind)
+
+
+ERRORS: dict[str, type[CheckpointError]] = {
+    "zero scale": UnusableScaleError,
+    "nan scale": UnusableScaleError,
+    "same name twice": DuplicateTensorError,
+    "both layouts": DuplicateTensorError,
+    "expert out of range": ExpertIndexError,
+    "missing": MissingTensorError,
+    "awq": UnsupportedTensorError,
+    "other family": MixedLayoutError,
+}
+
+
+@pytest.mark.parametrize("layer", range(LAYERS))
+@pytest.mark.parametrize("kind", ERRORS)
+def test_damage_in_any_layer_gives_the_same_error(kind: str, layer: int) -> None:
+    names, bad = damage(kind, layer)
+    with pytest.raises(ERRORS[kind]) as info:
+        load(names)
+    assert info.value.name == bad
+
+
+@pytest.mark.parametrize("layer", range(LAYERS))
+def test_a_duplicate_is_never_forwarded_twice(layer: int) -> None:
+    names, bad = damage("same name twice", layer)
+    ledger, forwarded, problems = Ledger(MODELOPT, 4), [], []
+    forwarded = [n for n, _ in rewrite(names, ledger, scalar=float, on_problem=problems.append)]
+    assert forwarded.count(canonical(bad)) == 1 and [p.name for p in problems] == [bad]
+    assert ledger.refused == [(bad, str(problems[0]))]
+
+
+def test_with_verification_off_every_tensor_is_forwarded_and_counted() -> None:
+    names, bad = damage("same name twice", 2)
+    out, ledger = load(names, check=False)
+    assert out == [canonical(n) for n, _ in names] and out.count(canonical(bad)) == 2
+    assert ledger.seen == len(names) and ledger.renamed == LAYERS * 48 + 1
+
+
+def test_a_layer_split_across_shards_is_not_a_duplicate() -> None:
+    names = checkpoint()
+    half = len(names) // 2
+    shard1, shard2 = names[:half], names[half:]
+    mid = [(n, v) for n, v in shard2 if n.startswith(prefix(1) + ".")][:7]  # layer 1 resumes later
+    out, ledger = load([*shard1, *[x for x in shard2 if x not in mid], *mid])
+    assert sorted(out) == sorted(canonical(n) for n, _ in names)
+    assert ledger.complete_experts() == LAYERS * 4
+
+
+def test_fused_after_per_expert_layers_is_refused() -> None:
+    names = checkpoint()
+    bad = f"{prefix(2)}.gate_up_proj"
+    with pytest.raises(MixedLayoutError) as info:
+        load([*names[:60], (bad, 1.0), *names[60:]])
+    assert info.value.name == bad
+
+
+def test_more_experts_than_the_default_width_without_a_count() -> None:
+    out, ledger = load(checkpoint(experts=300), experts=None)
+    assert ledger.expected_experts() == 300 and ledger.complete_experts() == LAYERS * 300
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layouts=st.lists(st.sampled_from(["legacy", "canonical"]), min_size=LAYERS, max_size=LAYERS),
+    seed=st.integers(0, 2**32 - 1),
+    shuffle=st.booleans(),
+)
+def test_any_mix_of_layouts_and_orders_loads_like_one_by_one(layouts: list[str], seed: int, shuffle: bool) -> None:
+    """Per layer, either layout; in checkpoint order or shuffled: the output is canonical() of each name."""
+    names = []
+    for n, v in checkpoint():
+        layer = next((i for i in range(LAYERS) if n.startswith(prefix(i) + ".")), None)
+        names.append(((legacy(canonical(n)) if layouts[layer] == "legacy" else canonical(n)) if layer is not None else n, v))
+    if shuffle:
+        random.Random(seed).shuffle(names)
+    out, ledger = load(names)
+    assert out == [canonical(n) for n, _ in names]
+    assert ledger.complete_experts() == LAYERS * 4 and ledger.seen == len(names)
+    assert ledger.renamed == 48 * layouts.count("legacy")
