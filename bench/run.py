@@ -21,6 +21,7 @@ Figures (targets: full run / --quick):
   load_overhead_ratio median of paired ratios of loader.load_weights() wall time, legacy names
                       with the shim over the same bytes under canonical names without it    <= 1.02 / 1.05
   shim_us_per_tensor  time the shim itself records (ledger.seconds / ledger.seen), in us     <= 2 / 5
+                      (fast-path tensors are timed one in 7 and extrapolated: stream.SAMPLE)
   extra_rss_mib       median of paired peak-RSS differences (ru_maxrss) of those loads       <= 16 / 64
   doctor_s            `python3 -m vllm_modelopt_shim doctor DIR --json`, 8-shard copy        <= 1 / 2
   identity            every tensor reaches vLLM as the very object the checkpoint reader gave (one extra load)

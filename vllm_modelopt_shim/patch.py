@@ -169,12 +169,11 @@ def _config_source(vllm_config: Any) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def _scalar(tensor: Any) -> float:
-    try:
-        return float(tensor.item())
-    except RuntimeError:  # a "scale" with several elements cannot be used as one: report its worst
-        t = tensor.float()
-        return float(t.min().item()) if bool(t.isfinite().all()) else float("nan")
+def _item() -> Any:
+    """How the stream reads a scale: ``Tensor.item`` itself, no wrapper (it runs 36,864 times per 30B load)."""
+    from torch import Tensor
+
+    return Tensor.item
 
 
 def _family(instance: Any) -> str | None:
@@ -208,7 +207,8 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     _state["ledger"] = ledger
     check = settings.verify != "off"
     on_problem = _raise if settings.verify == "error" else _log_problem
-    stream = rewrite(weights, ledger, check=check, scalar=_scalar if check else None, on_problem=on_problem)
+    scalar = _item() if check else None
+    stream = rewrite(weights, ledger, check=check, scalar=scalar, on_problem=on_problem)
     problems: list[CheckpointError] = []
     harmonized = None
     try:

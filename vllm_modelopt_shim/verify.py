@@ -144,7 +144,7 @@ def check_complete(ledger: Ledger) -> list[CheckpointError]:
         problems.append(
             UnusableScaleError(
                 name,
-                f"{name} = {value!r}: global and input scales must be finite and > 0 (vLLM would emit NaN "
+                f"{name} = {value!r}: global and input scales must be one finite value > 0 (vLLM would emit NaN "
                 "or one repeated token); recalibrate so this expert sees data, or re-export",
             )
         )

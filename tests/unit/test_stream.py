@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -159,7 +160,7 @@ def test_fused_after_per_expert_layers_is_refused() -> None:
 
 
 def test_more_experts_than_the_default_width_without_a_count() -> None:
-    out, ledger = load(checkpoint(experts=300), experts=None)
+    _, ledger = load(checkpoint(experts=300), experts=None)
     assert ledger.expected_experts() == 300 and ledger.complete_experts() == LAYERS * 300
 
 
@@ -174,10 +175,33 @@ def test_any_mix_of_layouts_and_orders_loads_like_one_by_one(layouts: list[str],
     names = []
     for n, v in checkpoint():
         layer = next((i for i in range(LAYERS) if n.startswith(prefix(i) + ".")), None)
-        names.append(((legacy(canonical(n)) if layouts[layer] == "legacy" else canonical(n)) if layer is not None else n, v))
+        names.append(
+            ((legacy(canonical(n)) if layouts[layer] == "legacy" else canonical(n)) if layer is not None else n, v)
+        )
     if shuffle:
         random.Random(seed).shuffle(names)
     out, ledger = load(names)
     assert out == [canonical(n) for n, _ in names]
     assert ledger.complete_experts() == LAYERS * 4 and ledger.seen == len(names)
     assert ledger.renamed == 48 * layouts.count("legacy")
+
+
+@pytest.mark.parametrize("layer", range(LAYERS))
+def test_a_scale_that_is_not_one_value_is_refused_by_name_not_crashed_on(layer: int) -> None:
+    bad = f"{prefix(layer)}.down_proj.2.weight_scale_2"
+    names: list[tuple[str, object]] = [(n, [0.5, 0.5] if n == bad else v) for n, v in checkpoint()]
+    ledger = Ledger(MODELOPT, 4)
+    for _ in rewrite(names, ledger, scalar=float):  # float([0.5, 0.5]) raises, as Tensor.item does
+        pass
+    problems = check_complete(ledger)
+    assert [type(p) for p in problems] == [UnusableScaleError] and problems[0].name == bad
+    assert "nan" in str(problems[0])
+
+
+def test_the_time_spent_is_estimated_within_the_wall_time_of_the_stream() -> None:
+    """Fast-path tensors are timed on samples: the estimate is never zero, never beyond the whole."""
+    ledger = Ledger(MODELOPT, 64)
+    started = time.perf_counter()
+    for _ in rewrite(checkpoint(experts=64), ledger, scalar=float):
+        pass
+    assert 0.0 < ledger.seconds <= time.perf_counter() - started
