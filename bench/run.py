@@ -1,7 +1,7 @@
 """Performance benchmark of vllm-modelopt-shim (GitHub issue 6): start-up, load overhead, memory, doctor.
 
     python3 bench/run.py                    # full run (~10 min on 2 cores): 60 start-up runs, 9 load pairs
-    python3 bench/run.py --quick            # short run (~5 min): 30 start-up runs, 3 load pairs, looser targets
+    python3 bench/run.py --quick            # short run (~7 min): 30 start-up runs, 5 load pairs, looser targets
     python3 bench/run.py --quick --json bench/out/quick.json   # also write the figures (bench/out/ is ignored)
     python3 bench/run.py --prepare          # only write the cached benchmark checkpoints
 
@@ -458,10 +458,10 @@ def table(figures: dict[str, Any], quick: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--quick", action="store_true", help="short run: 30 start-up runs, 3 load pairs, looser targets"
+        "--quick", action="store_true", help="short run: 30 start-up runs, 5 load pairs, looser targets"
     )
     parser.add_argument("--json", metavar="OUT", help="write the figures to this JSON file")
-    parser.add_argument("--pairs", type=int, help="interleaved load pairs (default 3 with --quick, 9 otherwise)")
+    parser.add_argument("--pairs", type=int, help="interleaved load pairs (default 5 with --quick, 9 otherwise)")
     parser.add_argument("--prepare", action="store_true", help="only write the cached checkpoints, then exit")
     parser.add_argument("--profile", metavar="OUT", help="also cProfile one shim load into OUT (pstats file)")
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
 def bench(args: argparse.Namespace) -> int:
     quick = args.quick
     startup_runs = 30 if quick else 60  # each is ~20 ms: more than the issue's minimum (15 / 30) costs little
-    pairs = args.pairs or (3 if quick else 9)
+    pairs = args.pairs or (5 if quick else 9)
     doctor_runs = 3 if quick else 5
     started = time.monotonic()
     python = vllm_python()
