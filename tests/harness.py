@@ -365,6 +365,9 @@ def _run_one(ckpt: str, attach: Any) -> dict[str, Any]:
         import vllm_modelopt_shim.patch as patch
 
         result["patched"] = patch.is_applied()
+        ledger = patch.last_ledger()
+        if ledger is not None:  # every scale value the shim checked, and where it read them
+            result["scales"] = {"from_vllm": ledger.deferred, "values": dict(ledger.scalars())}
     except Exception:
         result["patched"] = False
     return result

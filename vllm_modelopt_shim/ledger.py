@@ -98,6 +98,8 @@ class Ledger:
         self.others_renamed = 0
         self.fused_seen = 0
         self.seconds = 0.0  # time spent in the shim itself (not in vLLM or disk reads)
+        #: the stream stopped reading scale values after the first MoE layer: the caller fills them in
+        self.deferred = False
 
     @property
     def seen(self) -> int:
@@ -200,6 +202,15 @@ class Ledger:
         if layer is None or slot is None:
             return None
         return layer.scalars.get(expert * STRIDE + slot)
+
+    def unread(self, layer: Layer) -> Iterator[tuple[int, int, str, str]]:
+        """Recorded scalar scales of ``layer`` without a value: (marks index, expert, proj, suffix)."""
+        for (proj, suffix), slot in self.slots.items():
+            if slot >= STRIDE or suffix not in SCALAR_SUFFIXES:
+                continue
+            for index in range(slot, len(layer.marks), STRIDE):
+                if layer.marks[index] and index not in layer.scalars:
+                    yield index, index // STRIDE, proj, suffix
 
     def scalars(self, where: Callable[[float], bool] | None = None) -> Iterator[tuple[str, float]]:
         """Recorded scalar scales as (checkpoint name, value); with ``where``, only the values it selects."""

@@ -9,6 +9,7 @@ as expected it logs one line and leaves vLLM stock.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
@@ -16,7 +17,7 @@ import time
 from . import settings as _settings
 from . import verify
 from .errors import CheckpointError
-from .ledger import Ledger
+from .ledger import STRIDE, Layer, Ledger
 from .names import COMPRESSED, MODELOPT, family_of
 from .stream import rewrite
 
@@ -208,13 +209,17 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     check = settings.verify != "off"
     on_problem = _raise if settings.verify == "error" else _log_problem
     scalar = _item() if check else None
-    stream = rewrite(weights, ledger, check=check, scalar=scalar, on_problem=on_problem)
+    stored = _StoredScales(instance, ledger) if check and ledger.family in _SCALE_PARAMS else None
+    handover = stored.handover if stored is not None else None
+    stream = rewrite(weights, ledger, check=check, scalar=scalar, handover=handover, on_problem=on_problem)
     problems: list[CheckpointError] = []
     harmonized = None
     try:
         loaded = wrapped(stream, *args, **kwargs)
-        stream.close()  # a loader that stopped early still gets its pending scale values read
+        stream.close()  # a loader that stopped early
         started = time.perf_counter()
+        if stored is not None and ledger.deferred:
+            stored.fill()
         problems = verify.check_complete(ledger) if check else []
         if problems and settings.verify == "error":
             raise verify.summarize(problems)
@@ -229,6 +234,105 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     _summary(ledger, settings.verify, len(problems), harmonized)
     _report(settings.report_dir, ledger, problems, harmonized)
     return loaded
+
+
+#: family -> scale suffix -> (vLLM's w13 parameter [experts, 2: gate, up], w2 parameter [experts])
+_SCALE_PARAMS = {
+    MODELOPT: {
+        "weight_scale_2": ("w13_weight_scale_2", "w2_weight_scale_2"),
+        "input_scale": ("w13_input_scale", "w2_input_scale"),
+    },
+    COMPRESSED: {
+        "weight_global_scale": ("w13_weight_global_scale", "w2_weight_global_scale"),
+        "input_global_scale": ("w13_input_global_scale", "w2_input_global_scale"),
+    },
+}
+_LAYER = re.compile(r"layers\.(\d+)\.mlp\.experts(?:\.|$)")  # 0.32+ keeps them on experts.routed_experts
+
+
+class _StoredScales:
+    """Scale values as vLLM stored them, read per MoE layer in bulk after the load.
+
+    Reading 36,864 scales one ``Tensor.item`` at a time costs a third of the shim's time.  The
+    stream reads the first MoE layer's itself, then asks ``handover``: only if every value vLLM
+    stored for that layer equals the one read from the checkpoint (same expert, projection and
+    suffix) are the later layers' values taken from vLLM's parameters after the load instead.
+    Expert parallelism, unknown parameter shapes or any surprise: the stream keeps reading.
+    """
+
+    def __init__(self, model: Any, ledger: Ledger) -> None:
+        self.model = model
+        self.ledger = ledger
+        self.params = _SCALE_PARAMS[ledger.family or ""]
+        self.modules: dict[int, Any] | None = None
+
+    def _table(self, prefix: str) -> dict[tuple[str, str], list[float]] | None:
+        """(projection, suffix) -> value per expert, as stored for the layer ``prefix``; None if unsure."""
+        import torch
+
+        if self.modules is None:
+            first = next(iter(self.params.values()))[0]
+            found: dict[int, list[Any]] = {}
+            for name, module in self.model.named_modules():
+                match = _LAYER.search(name)
+                if match is not None and isinstance(getattr(module, first, None), torch.Tensor):
+                    found.setdefault(int(match.group(1)), []).append(module)
+            self.modules = {layer: mods[0] for layer, mods in found.items() if len(mods) == 1}
+        match = _LAYER.search(prefix)
+        module = self.modules.get(int(match.group(1))) if match is not None else None
+        if module is None or getattr(module, "expert_map", None) is not None:
+            return None  # no module, or experts spread over ranks: local and global indices differ
+        table: dict[tuple[str, str], list[float]] = {}
+        for suffix, (w13_name, w2_name) in self.params.items():
+            w13, w2 = getattr(module, w13_name, None), getattr(module, w2_name, None)
+            if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor):
+                return None
+            if w2.dim() == 2 and w2.shape[1] == 1:
+                w2 = w2[:, 0]
+            if w13.dim() != 2 or w13.shape[1] != 2 or w2.dim() != 1 or w2.shape[0] != w13.shape[0]:
+                return None
+            gate, up = w13.detach().float().cpu().t().tolist()
+            table["gate_proj", suffix], table["up_proj", suffix] = gate, up
+            table["down_proj", suffix] = w2.detach().float().cpu().tolist()
+        return table
+
+    def handover(self, layer: Layer) -> bool:
+        """Whether vLLM stored exactly what the stream read for ``layer``, slot for slot."""
+        try:
+            table = self._table(layer.prefix)
+            if table is None or not layer.scalars:
+                return False
+            by_slot = {slot: key for key, slot in self.ledger.slots.items()}
+            for index, value in layer.scalars.items():
+                column = table.get(by_slot[index % STRIDE])
+                expert = index // STRIDE
+                if column is None or expert >= len(column):
+                    return False
+                if column[expert] != value and not (math.isnan(column[expert]) and math.isnan(value)):
+                    return False
+            return True
+        except Exception as exc:  # never break a load over an optimization
+            logger.debug("vllm-modelopt-shim: scale values stay read per tensor (%s)", exc)
+            return False
+
+    def fill(self) -> None:
+        """After the load: every scale value the stream did not read, from vLLM's parameters."""
+        unchecked = []
+        for layer in self.ledger.layers.values():
+            unread = list(self.ledger.unread(layer))
+            try:
+                table = self._table(layer.prefix) if unread else None
+            except Exception:  # never break a load over an optimization
+                table = None
+            if unread and table is None:
+                unchecked.append(layer.prefix)
+                continue
+            for index, expert, proj, suffix in unread:
+                column = table.get((proj, suffix)) if table is not None else None
+                if column is not None and expert < len(column):
+                    layer.scalars[index] = column[expert]
+        if unchecked:  # cannot happen after a verified handover, short of vLLM changing under our feet
+            logger.warning("vllm-modelopt-shim: scale values of %s not checked: vLLM's layout changed", unchecked)
 
 
 def _report(directory: str | None, ledger: Ledger, problems: list[CheckpointError], harmonized: Any) -> None:

@@ -11,7 +11,7 @@ from time import perf_counter
 
 from . import verify
 from .errors import CheckpointError
-from .ledger import Ledger
+from .ledger import Layer, Ledger
 from .names import FUSED, SCALAR_SUFFIXES, parse, rename
 
 TYPE_CHECKING = False
@@ -37,6 +37,7 @@ def rewrite(
     *,
     check: bool = True,
     scalar: Callable[[T], float] | None = None,
+    handover: Callable[[Layer], bool] | None = None,
     on_problem: Callable[[CheckpointError], None] = _raise,
 ) -> Generator[tuple[str, T], None, None]:
     """Yield ``(vLLM name, tensor)`` for each checkpoint ``(name, tensor)``, one in, one out.
@@ -44,6 +45,9 @@ def rewrite(
     With ``check``, a tensor that ``verify.check_tensor`` refuses goes to ``on_problem``
     (which raises by default) and, if that returns, is recorded as refused, not forwarded.
     ``scalar`` reads a per-expert scalar scale's value for ``verify.check_complete``.
+    ``handover`` is asked once, with the first MoE layer when the stream leaves it, whether the
+    caller can read the rest of the scale values in bulk after the load (it says yes only if the
+    values it would read for that layer equal those read here); if so, they are no longer read here.
 
     Hot path: a 30B-A3B checkpoint streams 73,728 expert tensors through here, each between
     vLLM's own reads and copies, so every cache line touched counts.  When the stream enters
@@ -61,6 +65,7 @@ def rewrite(
     expected: dict[str, tuple[str, int, int, bool]] = {}  # the current MoE layer's table: Ledger.expect
     marks: bytearray = bytearray()  # and its Layer.marks and Layer.scalars
     values: dict[int, float] = {}
+    previous: Layer | None = None
     clock = perf_counter
     spent = sampled = reads = 0.0  # seconds: general path; fast-path samples; their clock reads
     fast = timed = 0  # fast-path tensors; of those, timed
@@ -115,7 +120,12 @@ def rewrite(
             if ledger.fused:
                 expected = {}  # mixed layouts: every per-expert tensor must meet verify
             elif layer is not None and layer.marks is not marks:  # entered another MoE layer
-                expected, marks, values = ledger.expect(layer), layer.marks, layer.scalars
+                if handover is not None and previous is not None and scalar is not None:
+                    if handover(previous):
+                        scalar = None
+                        ledger.deferred = True
+                    handover = None
+                expected, marks, values, previous = ledger.expect(layer), layer.marks, layer.scalars, layer
             spent += clock() - started
             yield new, tensor
     finally:

@@ -105,6 +105,24 @@ def test_damaged_checkpoints_are_refused_naming_the_tensor(on: dict[str, Any], n
     assert tensor in r["message"]
 
 
+@pytest.mark.parametrize("name", ["modelopt-legacy", "modelopt-split", "ct-legacy"])
+def test_every_scale_value_is_checked_as_the_checkpoint_holds_it(on: dict[str, Any], name: str) -> None:
+    """After the first MoE layer the values come from vLLM's parameters (0.32+), never different ones."""
+    from safetensors import safe_open
+
+    suffixes = ("weight_scale_2", "input_scale", "weight_global_scale", "input_global_scale")
+    expected: dict[str, float] = {}
+    for shard in Path(on[name]["ckpt"]).glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                if ".experts." in k and k.endswith(suffixes):
+                    expected[k] = f.get_tensor(k).item()
+    scales = on[name]["scales"]
+    assert len(expected) == 2 * 4 * 3 * 2 and scales["values"] == expected
+    if vllm_runs.vllm_release() >= (0, 32, 0):
+        assert scales["from_vllm"] is True
+
+
 def test_one_summary_line_per_load(on: dict[str, Any]) -> None:
     lines = on["modelopt-legacy"]["shim_log"]
     assert len(lines) == 1, lines

@@ -24,7 +24,7 @@ from vllm_modelopt_shim import (
     UnusableScaleError,
 )
 from vllm_modelopt_shim.errors import CheckpointError
-from vllm_modelopt_shim.ledger import Ledger
+from vllm_modelopt_shim.ledger import Layer, Ledger
 from vllm_modelopt_shim.names import MODELOPT, canonical, legacy
 from vllm_modelopt_shim.stream import rewrite
 from vllm_modelopt_shim.verify import check_complete, summarize
@@ -205,3 +205,28 @@ def test_the_time_spent_is_estimated_within_the_wall_time_of_the_stream() -> Non
     for _ in rewrite(checkpoint(experts=64), ledger, scalar=float):
         pass
     assert 0.0 < ledger.seconds <= time.perf_counter() - started
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+def test_the_first_layers_scales_decide_whether_the_rest_are_read_here(accepted: bool) -> None:
+    """``handover`` sees the first MoE layer, with its values read, once; yes stops the reads here."""
+    reads: list[float] = []
+    asked: list[tuple[str, int]] = []
+
+    def read(value: float) -> float:
+        reads.append(value)
+        return value
+
+    def handover(layer: Layer) -> bool:
+        asked.append((layer.prefix, len(layer.scalars)))
+        return accepted
+
+    ledger = Ledger(MODELOPT, 4)
+    out = [n for n, _ in rewrite(checkpoint(), ledger, scalar=read, handover=handover)]
+    assert asked == [(prefix(0), 4 * 3 * 2)]  # layer 0's 24 scales, before layer 1 is forwarded
+    assert len(out) == len(checkpoint()) and ledger.deferred is accepted
+    # layer 1's first tensor (down_proj.0.input_scale) is read before the stream knows it left layer 0
+    assert len(reads) == (25 if accepted else 24 * LAYERS)
+    unread = list(ledger.unread(ledger.layers[prefix(1)]))
+    assert len(unread) == (23 if accepted else 0)
+    assert all(suffix in ("input_scale", "weight_scale_2") for _, _, _, suffix in unread)
