@@ -98,8 +98,13 @@ class Ledger:
         self.others_renamed = 0
         self.fused_seen = 0
         self.seconds = 0.0  # time spent in the shim itself (not in vLLM or disk reads)
-        #: the stream stopped reading scale values after the first MoE layer: the caller fills them in
-        self.deferred = False
+        #: (projection, suffix) scale slots the stream stopped reading after the first MoE layer:
+        #: their values come from the caller after the load (see stream.rewrite's ``handover``)
+        self.handed: frozenset[tuple[str, str]] = frozenset()
+
+    @property
+    def deferred(self) -> bool:
+        return bool(self.handed)
 
     @property
     def seen(self) -> int:
@@ -180,6 +185,12 @@ class Ledger:
         """
         head = layer.prefix
         dot = head + "."
+        if self.handed:  # values of these slots are no longer read by the stream
+            skip = {slot for key, slot in self.slots.items() if key in self.handed}
+            return {
+                dot + tail: (head + new, index, mark, scalar and index % STRIDE not in skip)
+                for tail, (new, index, mark, scalar) in self.fast.items()
+            }
         return {dot + tail: (head + new, index, mark, scalar) for tail, (new, index, mark, scalar) in self.fast.items()}
 
     def refuse(self, name: str, reason: str) -> None:
@@ -204,9 +215,9 @@ class Ledger:
         return layer.scalars.get(expert * STRIDE + slot)
 
     def unread(self, layer: Layer) -> Iterator[tuple[int, int, str, str]]:
-        """Recorded scalar scales of ``layer`` without a value: (marks index, expert, proj, suffix)."""
+        """Handed-over scalar scales of ``layer`` without a value: (marks index, expert, proj, suffix)."""
         for (proj, suffix), slot in self.slots.items():
-            if slot >= STRIDE or suffix not in SCALAR_SUFFIXES:
+            if slot >= STRIDE or (proj, suffix) not in self.handed:
                 continue
             for index in range(slot, len(layer.marks), STRIDE):
                 if layer.marks[index] and index not in layer.scalars:

@@ -296,24 +296,43 @@ class _StoredScales:
             table["down_proj", suffix] = w2.detach().float().cpu().tolist()
         return table
 
-    def handover(self, layer: Layer) -> bool:
-        """Whether vLLM stored exactly what the stream read for ``layer``, slot for slot."""
+    def handover(self, layer: Layer) -> set[tuple[str, str]]:
+        """The (projection, suffix) slots whose values vLLM stored exactly as the stream read them.
+
+        A gate/up slot qualifies only if some expert's gate and up values differ, in both the
+        checkpoint and vLLM's parameter: vLLM releases that write one input scale over both halves
+        (0.17) would otherwise look right.
+        """
         try:
             table = self._table(layer.prefix)
-            if table is None or not layer.scalars:
-                return False
+            if table is None:
+                return set()
             by_slot = {slot: key for key, slot in self.ledger.slots.items()}
+            read: dict[tuple[str, str], dict[int, float]] = {}
             for index, value in layer.scalars.items():
-                column = table.get(by_slot[index % STRIDE])
-                expert = index // STRIDE
-                if column is None or expert >= len(column):
-                    return False
-                if column[expert] != value and not (math.isnan(column[expert]) and math.isnan(value)):
-                    return False
-            return True
+                read.setdefault(by_slot[index % STRIDE], {})[index // STRIDE] = value
+            same = set()
+            for key, values in read.items():
+                column = table.get(key)
+                if column is not None and all(
+                    e < len(column) and (column[e] == v or (math.isnan(column[e]) and math.isnan(v)))
+                    for e, v in values.items()
+                ):
+                    same.add(key)
+            handed = set()
+            for proj, suffix in same:
+                if proj == "down_proj":
+                    handed.add((proj, suffix))
+                    continue
+                gate, up = read.get(("gate_proj", suffix), {}), read.get(("up_proj", suffix), {})
+                if {("gate_proj", suffix), ("up_proj", suffix)} <= same and any(
+                    e in up and up[e] != v for e, v in gate.items()
+                ):
+                    handed.add((proj, suffix))
+            return handed
         except Exception as exc:  # never break a load over an optimization
             logger.debug("vllm-modelopt-shim: scale values stay read per tensor (%s)", exc)
-            return False
+            return set()
 
     def fill(self) -> None:
         """After the load: every scale value the stream did not read, from vLLM's parameters."""

@@ -36,9 +36,9 @@ def entry(ledger: Ledger, problems: list[CheckpointError], harmonized: object | 
         "problems": [{"tensor": p.name, "error": type(p).__name__, "message": str(p)} for p in problems],
         "harmonized": str(harmonized) if harmonized is not None else None,
         "seconds_in_shim": round(ledger.seconds, 6),
-        # where the checked scale values were read: the checkpoint tensors, or (after the first MoE
-        # layer proved them equal) vLLM's parameters once loaded
-        "scale_values_from": "vllm-parameters" if ledger.deferred else "tensors",
+        # scale slots whose values were read from vLLM's parameters once loaded (after the first MoE
+        # layer proved them equal); every other scale value was read from its checkpoint tensor
+        "scale_values_from_vllm": sorted(f"{proj}.{suffix}" for proj, suffix in ledger.handed),
     }
 
 

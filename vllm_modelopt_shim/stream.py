@@ -37,7 +37,7 @@ def rewrite(
     *,
     check: bool = True,
     scalar: Callable[[T], float] | None = None,
-    handover: Callable[[Layer], bool] | None = None,
+    handover: Callable[[Layer], Iterable[tuple[str, str]]] | None = None,
     on_problem: Callable[[CheckpointError], None] = _raise,
 ) -> Generator[tuple[str, T], None, None]:
     """Yield ``(vLLM name, tensor)`` for each checkpoint ``(name, tensor)``, one in, one out.
@@ -45,9 +45,10 @@ def rewrite(
     With ``check``, a tensor that ``verify.check_tensor`` refuses goes to ``on_problem``
     (which raises by default) and, if that returns, is recorded as refused, not forwarded.
     ``scalar`` reads a per-expert scalar scale's value for ``verify.check_complete``.
-    ``handover`` is asked once, with the first MoE layer when the stream leaves it, whether the
-    caller can read the rest of the scale values in bulk after the load (it says yes only if the
-    values it would read for that layer equal those read here); if so, they are no longer read here.
+    ``handover`` is asked once, with the first MoE layer when the stream leaves it, which scale
+    slots ((projection, suffix)) the caller can read in bulk after the load (it names only slots
+    whose values, as it would read them for that layer, equal those read here, and are told apart
+    from every other slot); those are no longer read here, and land in ``ledger.handed``.
 
     Hot path: a 30B-A3B checkpoint streams 73,728 expert tensors through here, each between
     vLLM's own reads and copies, so every cache line touched counts.  When the stream enters
@@ -111,7 +112,13 @@ def rewrite(
                     continue
             new = rename(name, parsed, ledger.family)
             value = None
-            if parsed is not None and parsed.layout != FUSED and parsed.suffix in SCALAR_SUFFIXES and scalar:
+            if (
+                parsed is not None
+                and parsed.layout != FUSED
+                and parsed.suffix in SCALAR_SUFFIXES
+                and scalar
+                and (parsed.proj, parsed.suffix) not in ledger.handed
+            ):
                 try:
                     value = scalar(tensor)
                 except Exception:  # as above
@@ -121,9 +128,7 @@ def rewrite(
                 expected = {}  # mixed layouts: every per-expert tensor must meet verify
             elif layer is not None and layer.marks is not marks:  # entered another MoE layer
                 if handover is not None and previous is not None and scalar is not None:
-                    if handover(previous):
-                        scalar = None
-                        ledger.deferred = True
+                    ledger.handed = frozenset(handover(previous))
                     handover = None
                 expected, marks, values, previous = ledger.expect(layer), layer.marks, layer.scalars, layer
             spent += clock() - started

@@ -45,19 +45,23 @@ def model() -> torch.nn.Module:
     return root
 
 
-def checkpoint(zero: str | None = None) -> list[tuple[str, Any]]:
+def checkpoint(zero: str | None = None, shared_input: bool = False) -> list[tuple[str, Any]]:
+    """``shared_input``: gate and up input scales equal, as ModelOpt writes them (one input, one amax)."""
     names = []
     for layer in range(LAYERS):
         for proj in ("down_proj", "gate_proj", "up_proj"):
             for e in range(EXPERTS):
                 for s in SUFFIXES:
                     name = f"model.language_model.layers.{layer}.mlp.experts.{proj}.{e}.{s}"
-                    value = 0.0 if name == zero else 0.25 + layer + e / 8 + (proj == "up_proj") / 16
+                    up = proj == "up_proj" and not (shared_input and s == "input_scale")
+                    value = 0.0 if name == zero else 0.25 + layer + e / 8 + up / 16
                     names.append((name, torch.tensor(value)))
     return names
 
 
-def load(names: list[tuple[str, Any]], root: torch.nn.Module, swap_gate_up: bool = False) -> Ledger:
+def load(
+    names: list[tuple[str, Any]], root: torch.nn.Module, swap_gate_up: bool = False, broadcast: bool = False
+) -> Ledger:
     """What the runtime does, with a toy loader in vLLM's place."""
     ledger = Ledger(MODELOPT, EXPERTS)
     stored = _StoredScales(root, ledger)
@@ -69,6 +73,8 @@ def load(names: list[tuple[str, Any]], root: torch.nn.Module, swap_gate_up: bool
             experts = root.layers[int(new.split(".")[3])].mlp.experts.routed_experts
             if p.proj == "down_proj":
                 getattr(experts, f"w2_{p.suffix}")[p.expert] = tensor
+            elif broadcast and p.suffix == "input_scale":  # vLLM 0.17: one value over both halves
+                getattr(experts, f"w13_{p.suffix}")[p.expert] = tensor
             else:
                 column = (p.proj == "up_proj") != swap_gate_up
                 getattr(experts, f"w13_{p.suffix}")[p.expert, int(column)] = tensor
@@ -92,12 +98,27 @@ def test_a_zero_scale_after_the_hand_over_is_still_refused_by_name() -> None:
     assert problem.name == bad and "= 0.0" in str(problem)
 
 
-def test_values_stored_elsewhere_keep_the_stream_reading_every_tensor() -> None:
-    """A loader that puts gate where up belongs: layer 0 disagrees, so nothing is taken from it."""
+def test_values_stored_elsewhere_keep_the_stream_reading_them() -> None:
+    """A loader that puts gate where up belongs: layer 0 disagrees, so no gate/up value is taken from it."""
     bad = "model.language_model.layers.2.mlp.experts.up_proj.1.weight_scale_2"
     ledger = load(checkpoint(zero=bad), model(), swap_gate_up=True)
-    assert not ledger.deferred
+    assert ledger.handed == {("down_proj", "input_scale"), ("down_proj", "weight_scale_2")}
     (problem,) = check_complete(ledger)
+    assert problem.name == bad
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_gate_and_up_slots_that_cannot_be_told_apart_stay_read_per_tensor(broadcast: bool) -> None:
+    """Equal gate/up input scales prove nothing about which half vLLM wrote: those stay read here."""
+    bad = "model.language_model.layers.2.mlp.experts.gate_proj.3.input_scale"
+    ledger = load(checkpoint(zero=bad, shared_input=True), model(), broadcast=broadcast)
+    assert ledger.handed == {
+        ("down_proj", "input_scale"),
+        ("down_proj", "weight_scale_2"),
+        ("gate_proj", "weight_scale_2"),
+        ("up_proj", "weight_scale_2"),
+    }
+    (problem,) = check_complete(ledger)  # the broadcast loader overwrote the zero with up's value
     assert problem.name == bad
 
 

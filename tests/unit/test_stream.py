@@ -207,26 +207,36 @@ def test_the_time_spent_is_estimated_within_the_wall_time_of_the_stream() -> Non
     assert 0.0 < ledger.seconds <= time.perf_counter() - started
 
 
-@pytest.mark.parametrize("accepted", [True, False])
-def test_the_first_layers_scales_decide_whether_the_rest_are_read_here(accepted: bool) -> None:
-    """``handover`` sees the first MoE layer, with its values read, once; yes stops the reads here."""
-    reads: list[float] = []
+ALL_SLOTS = {(p, s) for p in ("down_proj", "gate_proj", "up_proj") for s in ("input_scale", "weight_scale_2")}
+
+
+@pytest.mark.parametrize(
+    "handed", [ALL_SLOTS, set(), {("down_proj", "input_scale"), ("gate_proj", "weight_scale_2")}], ids=len
+)
+def test_the_first_layers_scales_decide_which_are_read_here(handed: set[tuple[str, str]]) -> None:
+    """``handover`` sees the first MoE layer, with its values read, once; the slots it names stop being read."""
+    reads: list[str] = []
     asked: list[tuple[str, int]] = []
 
-    def read(value: float) -> float:
-        reads.append(value)
-        return value
-
-    def handover(layer: Layer) -> bool:
+    def handover(layer: Layer) -> set[tuple[str, str]]:
         asked.append((layer.prefix, len(layer.scalars)))
-        return accepted
+        return handed
 
     ledger = Ledger(MODELOPT, 4)
-    out = [n for n, _ in rewrite(checkpoint(), ledger, scalar=read, handover=handover)]
+    names = checkpoint()
+    tagged = [(n, float(i)) for i, (n, _) in enumerate(names)]  # the value says which tensor was read
+
+    def read(value: float) -> float:
+        reads.append(tagged[int(value)][0])
+        return value
+
+    out = [n for n, _ in rewrite(tagged, ledger, scalar=read, handover=handover)]
     assert asked == [(prefix(0), 4 * 3 * 2)]  # layer 0's 24 scales, before layer 1 is forwarded
-    assert len(out) == len(checkpoint()) and ledger.deferred is accepted
+    assert len(out) == len(names) and ledger.handed == handed and ledger.deferred is bool(handed)
+    later = [n for n in reads if not n.startswith(prefix(0) + ".")]
     # layer 1's first tensor (down_proj.0.input_scale) is read before the stream knows it left layer 0
-    assert len(reads) == (25 if accepted else 24 * LAYERS)
+    first = f"{prefix(1)}.down_proj.0.input_scale"
+    assert all(n == first or (n.split(".")[-3], n.split(".")[-1]) not in handed for n in later)
+    assert len(later) == 1 + (LAYERS - 1) * 4 * (6 - len(handed)) - (("down_proj", "input_scale") not in handed)
     unread = list(ledger.unread(ledger.layers[prefix(1)]))
-    assert len(unread) == (23 if accepted else 0)
-    assert all(suffix in ("input_scale", "weight_scale_2") for _, _, _, suffix in unread)
+    assert {(proj, suffix) for _, _, proj, suffix in unread} == handed
