@@ -253,11 +253,11 @@ _LAYER = re.compile(r"layers\.(\d+)\.mlp\.experts(?:\.|$)")  # 0.32+ keeps them 
 class _StoredScales:
     """Scale values as vLLM stored them, read per MoE layer in bulk after the load.
 
-    Reading 36,864 scales one ``Tensor.item`` at a time costs a third of the shim's time.  The
-    stream reads the first MoE layer's itself, then asks ``handover``: only if every value vLLM
-    stored for that layer equals the one read from the checkpoint (same expert, projection and
-    suffix) are the later layers' values taken from vLLM's parameters after the load instead.
-    Expert parallelism, unknown parameter shapes or any surprise: the stream keeps reading.
+    Reading 36,864 scales one ``Tensor.item`` at a time cost a third of the shim's time.  The
+    stream reads the first MoE layer's itself, then asks ``handover`` which (projection, suffix)
+    slots vLLM stored exactly as read, expert for expert; only those slots of the later layers
+    are taken from vLLM's parameters after the load.  Expert parallelism, unknown parameter
+    shapes or any surprise: nothing is handed over and the stream keeps reading every tensor.
     """
 
     def __init__(self, model: Any, ledger: Ledger) -> None:
