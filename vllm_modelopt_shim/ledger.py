@@ -185,13 +185,11 @@ class Ledger:
         """
         head = layer.prefix
         dot = head + "."
-        if self.handed:  # values of these slots are no longer read by the stream
-            skip = {slot for key, slot in self.slots.items() if key in self.handed}
-            return {
-                dot + tail: (head + new, index, mark, scalar and index % STRIDE not in skip)
-                for tail, (new, index, mark, scalar) in self.fast.items()
-            }
-        return {dot + tail: (head + new, index, mark, scalar) for tail, (new, index, mark, scalar) in self.fast.items()}
+        handed = {slot for key, slot in self.slots.items() if key in self.handed}  # no longer read by the stream
+        return {
+            dot + tail: (head + new, index, mark, scalar and index % STRIDE not in handed)
+            for tail, (new, index, mark, scalar) in self.fast.items()
+        }
 
     def refuse(self, name: str, reason: str) -> None:
         self.refused.append((name, reason))
