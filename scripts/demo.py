@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     python = venvs.ensure(args.vllm)
     work = args.keep or Path(tempfile.mkdtemp(prefix="vllm-modelopt-shim-demo-"))
-    ckpt = work / "qwen3-vl-moe-tiny-nvfp4-modelopt"
+    try:
+        return _demo(python, work / "qwen3-vl-moe-tiny-nvfp4-modelopt", args.vllm)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)  # the demo leaves nothing behind unless --keep
+
+
+def _demo(python: Path, ckpt: Path, vllm: str) -> int:
     tests = str(ROOT / "tests")
     write = (
         f"import sys, pathlib; sys.path.insert(0, {tests!r}); import checkpoints; "
@@ -58,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     print("  e.g. model.language_model.layers.0.mlp.experts.gate_proj.0.", end="")
     print("{weight, weight_scale, weight_scale_2, input_scale}")
 
-    print(f"\n[1/2] stock vLLM {args.vllm} (VLLM_MODELOPT_SHIM=0) ...", flush=True)
+    print(f"\n[1/2] stock vLLM {vllm} (VLLM_MODELOPT_SHIM=0) ...", flush=True)
     off = load(python, ckpt, "0")
     print(f"  {off.get('error')}: {str(off.get('message'))[:240]}")
 
-    print(f"\n[2/2] vLLM {args.vllm} with the shim (PYTHONPATH={ROOT}) ...", flush=True)
+    print(f"\n[2/2] vLLM {vllm} with the shim (PYTHONPATH={ROOT}) ...", flush=True)
     on = load(python, ckpt, "1")
     for line in on.get("shim_log", []):  # type: ignore[union-attr]
         print(f"  {line}")

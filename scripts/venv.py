@@ -21,8 +21,9 @@ from pathlib import Path
 DEFAULT_VERSION = "0.32.0"
 TEST_PACKAGES = ["wrapt>=2.4", "pytest", "hypothesis", "openai"]
 
-# vLLM releases that pin torch 2.13.0 would take this machine's local CPU wheel, next to
-# which PyPI's torchvision cannot import (facts.md section 3): hide local wheels from pip.
+# vLLM releases that pin torch 2.13.0 would take this machine's local CPU wheel, next to which
+# PyPI's torchvision 0.28.0 (a CUDA build) fails to import ("operator torchvision::nms does not
+# exist"): hide local wheels from pip, so that it takes PyPI's CUDA torch 2.13.0 instead.
 _HIDE_LOCAL_WHEELS = {"0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0"}
 
 
@@ -49,7 +50,8 @@ def ensure(version: str = DEFAULT_VERSION, cpu: bool = False, quiet: bool = Fals
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     log = sys.stderr
-    print(f"[venv] creating {path} (vLLM {version}{' cpu' if cpu else ''}; 2-3 min, 4-10 GB)", file=log)
+    size_hint = "3.5 GB" if cpu else "9-10.5 GB"
+    print(f"[venv] creating {path} (vLLM {version}{' cpu' if cpu else ''}; 3-7 min, {size_hint})", file=log, flush=True)
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
     py = str(python_of(path))
@@ -65,7 +67,15 @@ def ensure(version: str = DEFAULT_VERSION, cpu: bool = False, quiet: bool = Fals
             env["PIP_FIND_LINKS"] = tempfile.mkdtemp(prefix="no-local-wheels-")
     cmd = [py, "-m", "pip", "install", *pkgs, *TEST_PACKAGES]
     out = subprocess.DEVNULL if quiet else None
-    subprocess.run(cmd, check=True, env=env, stdout=out)
+    proc = subprocess.Popen(cmd, env=env, stdout=out)
+    while True:  # a progress line every 30 s: an install is minutes of silence otherwise
+        try:
+            proc.wait(30)
+            break
+        except subprocess.TimeoutExpired:
+            print(f"[venv] still installing vLLM {version}: {time.monotonic() - started:.0f} s", file=log, flush=True)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
     secs = time.monotonic() - started
     marker.write_text(f"install_seconds={secs:.0f}\nsize_gb={size / 1e9:.1f}\n")

@@ -13,6 +13,12 @@ for GPU kernels and is not run.
 
 Before loading, every parameter is filled with a sentinel (NaN, or 0xFF bytes) so a parameter vLLM never
 wrote is visible afterwards.
+
+``HARNESS_CALLS`` (test-only) says how the weights reach ``model.load_weights``: ``loader`` (default,
+vLLM's full load), ``N`` (the loader's own weight stream cut into N consecutive calls, as weight
+updates do; ``every`` for one tensor per call), optionally prefixed ``dummy+`` (vLLM's dummy loader
+first, as RL frameworks start).  ``HARNESS_BREAK`` (test-only): ``fold`` makes the shim's fold raise
+on the second MoE layer, to prove the load fails open.
 """
 
 from __future__ import annotations
@@ -253,8 +259,10 @@ def dequant_errors(model: Any, ckpt: Path) -> dict[str, float]:
         layer, base = int(m.group(1)), pname[: -len(suffixes[0])]
         scales, glob = params[base + "weight_scale"].data, params[base + suffixes[1]].data
         for e, packed in expected[(layer, "w13", suffixes[0])].items():
-            ck_scales = expected[(layer, "w13", "weight_scale")][e]
-            ck_glob = expected[(layer, "w13", suffixes[1])][e]
+            ck_scales = expected.get((layer, "w13", "weight_scale"), {}).get(e)
+            ck_glob = expected.get((layer, "w13", suffixes[1]), {}).get(e)
+            if ck_scales is None or ck_glob is None:
+                continue  # a damaged checkpoint lacks them
             rows = packed.shape[0] // 2
             as_s2 = (lambda x: 1.0 / float(x)) if ct else float
             got = checkpoints.dequantize(p.data[e], scales[e], as_s2(glob[e, 0]))
@@ -325,6 +333,37 @@ class _Records(logging.Handler):
         self.lines.append(f"{record.levelname} {record.getMessage()}")
 
 
+def load(model: Any, loader: Any, vllm_config: Any, calls: str) -> None:
+    """Weights into ``model`` the way ``calls`` says (see the module docstring)."""
+    model_config = vllm_config.model_config
+    if calls.startswith("dummy+"):
+        from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+        DummyModelLoader(vllm_config.load_config).load_weights(model, model_config)
+        calls = calls[len("dummy+") :]
+    if calls == "loader":
+        loader.load_weights(model, model_config)
+        return
+    weights = [(n, t.clone()) for n, t in loader.get_all_weights(model_config, model)]  # the bytes vLLM reads
+    size = 1 if calls == "every" else max(1, -(-len(weights) // int(calls)))
+    for start in range(0, len(weights), size):
+        model.load_weights(weights=weights[start : start + size])  # RLHF examples pass a list, by keyword
+
+
+def _break_fold() -> None:
+    import vllm_modelopt_shim.harmonize as harmonize
+
+    real, calls = harmonize.fold_many, []
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # the second MoE layer's batch
+            raise RuntimeError("injected by HARNESS_BREAK=fold")
+        return real(*args, **kwargs)
+
+    harmonize.fold_many = broken  # type: ignore[assignment]
+
+
 def run_one(ckpt: str) -> dict[str, Any]:
     records = _Records()
     shim_logger = logging.getLogger("vllm.modelopt_shim")
@@ -351,7 +390,7 @@ def _run_one(ckpt: str, attach: Any) -> dict[str, Any]:
 
     try:
         with set_current_vllm_config(vllm_config):
-            loader.load_weights(model, vllm_config.model_config)
+            load(model, loader, vllm_config, os.environ.get("HARNESS_CALLS", "loader"))
         result["stage"] = "loaded"
     except Exception as exc:
         result.update(
@@ -366,14 +405,16 @@ def _run_one(ckpt: str, attach: Any) -> dict[str, Any]:
 
         result["patched"] = patch.is_applied()
         ledger = patch.last_ledger()
-        if ledger is not None:  # every scale value the shim checked, and where it read them
-            result["scales"] = {"from_vllm": ledger.deferred, "values": dict(ledger.scalars())}
+        if ledger is not None:  # every scale value the shim checked
+            result["scales"] = {"values": dict(ledger.scalars())}
     except Exception:
         result["patched"] = False
     return result
 
 
 def main(argv: list[str]) -> int:
+    if os.environ.get("HARNESS_BREAK") == "fold":
+        _break_fold()
     for ckpt in argv:
         print("HARNESS " + json.dumps(run_one(ckpt)), flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vllm_modelopt_shim doctor DIR [--json]`` and ``... status``.
+"""Command line: vllm-modelopt-shim doctor DIR [--json] | status  (or python -m vllm_modelopt_shim ...).
 
 Exit status: 0 loadable (doctor) or printed (status); 1 cannot-load-correctly; 2 usage errors.
 """
@@ -25,6 +25,46 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if d.verdict == CANNOT else 0
 
 
+#: the lowest wrapt the patch is written for (pyproject.toml says the same)
+WRAPT_MIN = (2, 4)
+
+
+def _armed() -> tuple[str, str | None]:
+    """How the shim is armed in this environment, and a hint where it is not."""
+    import importlib.util
+    from importlib.metadata import entry_points
+
+    from . import _bootstrap
+
+    doorbell = sys.modules.get("sitecustomize")
+    if getattr(doorbell, "vllm_modelopt_shim_rang", False):
+        how = f"sitecustomize.py on PYTHONPATH ({getattr(doorbell, '__file__', '?')})"
+        return how + ("" if _bootstrap.installed() else "; its hook has already fired"), None
+    plugins = [ep for ep in entry_points(group="vllm.general_plugins") if ep.value.startswith("vllm_modelopt_shim")]
+    if plugins:
+        return "vllm.general_plugins entry point (pip install): vLLM arms it when it loads its plugins", None
+    here = importlib.util.find_spec("vllm_modelopt_shim")
+    root = os.path.dirname(os.path.dirname(here.origin or "")) if here else ""
+    hint = (
+        f"put the checkout on PYTHONPATH (PYTHONPATH={root}) or `pip install {root}`"
+        if os.path.isfile(os.path.join(root, "sitecustomize.py"))
+        else "put the checkout on PYTHONPATH, or pip install it"
+    )
+    return "neither (no sitecustomize.py on PYTHONPATH, no entry point installed)", hint
+
+
+def _wrapt_line() -> str:
+    try:
+        import wrapt
+    except ImportError:
+        return "wrapt: NOT importable (pip install 'wrapt>=2.4'): the patch cannot be applied"
+    version = str(getattr(wrapt, "__version__", "0"))
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < WRAPT_MIN:
+        return f"wrapt: {version} is TOO OLD (the shim needs >= 2.4: pip install -U 'wrapt>=2.4')"
+    return f"wrapt: {version}"
+
+
 def status_lines() -> list[str]:
     """What the shim does in this interpreter, and why."""
     from . import _bootstrap, patch, settings
@@ -32,16 +72,17 @@ def status_lines() -> list[str]:
     s = settings.load()
     enabled = "on" if s.enabled else "off"
     why = f"{settings.ENABLE}={os.environ[settings.ENABLE]!r}" if os.environ.get(settings.ENABLE) else "default"
+    armed, hint = _armed()
     lines = [
-        f"shim: {enabled} ({why}); import hook armed: {_bootstrap.installed() or patch.is_applied()}",
-        f"settings: verify={s.verify} harmonize={'on' if s.harmonize else 'off'} report={s.report_dir or 'unset'}",
+        f"shim: {enabled} ({why})",
+        f"armed by: {armed}" if s.enabled else f"armed by: nothing ({settings.ENABLE} is off: vLLM runs stock)",
     ]
-    try:
-        import wrapt
-
-        lines.append(f"wrapt: {getattr(wrapt, '__version__', 'installed')}")
-    except ImportError:
-        lines.append("wrapt: NOT importable (pip install wrapt): the patch cannot be applied")
+    if hint and s.enabled:
+        lines.append(f"  hint: {hint}")
+    lines.append(
+        f"settings: verify={s.verify} harmonize={'on' if s.harmonize else 'off'} report={s.report_dir or 'unset'}"
+    )
+    lines.append(_wrapt_line())
     version = patch.vllm_version()
     if version == "unknown":
         lines.append("vLLM: not installed in this interpreter")
@@ -52,18 +93,23 @@ def status_lines() -> list[str]:
     try:
         import importlib
 
+        if s.enabled and not _bootstrap.installed() and hint is None and _bootstrap.TARGET not in sys.modules:
+            _bootstrap.install()  # what vLLM's plugin loading does in its processes
         module = importlib.import_module(_bootstrap.TARGET)  # the hook, if armed, patches it now
     except Exception as exc:
         lines.append(f"patch target: {_bootstrap.TARGET} cannot be imported ({type(exc).__name__}: {exc})")
         return lines
     found = patch.target_class(module) is not None
     lines.append(f"patch target: {_bootstrap.TARGET}.{patch.CLASS}.load_weights {'found' if found else 'NOT found'}")
-    lines.append(f"patch applied: {patch.is_applied()} ({patch.reason()})")
+    reason = patch.reason()
+    if not patch.is_applied() and reason == "not yet imported":
+        reason = f"{settings.ENABLE} is off" if not s.enabled else "no hook is armed in this interpreter"
+    lines.append(f"patch applied: {patch.is_applied()} ({reason})")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_modelopt_shim", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vllm-modelopt-shim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     doc = sub.add_parser("doctor", help="will this checkpoint load correctly? (config and headers only)")
     doc.add_argument("dir", help="checkpoint directory (config.json, *.safetensors)")

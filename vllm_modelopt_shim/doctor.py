@@ -59,6 +59,20 @@ class Diagnosis:
             return CANNOT
         return NEEDS_SHIM if self.renames or self.config_fixes else STOCK
 
+    @property
+    def advice(self) -> str:
+        """What to do, in one sentence: the verdict alone can read as a contradiction of a warning."""
+        if self.verdict == CANNOT:
+            return "fix the problems below, then run the doctor again"
+        if self.mismatched_experts:
+            return (
+                f"stock vLLM loads it, but dequantizes up_proj of {self.mismatched_experts} experts with gate's "
+                "scale: serve it with the shim (it harmonizes them) for accurate weights"
+                if self.verdict == STOCK
+                else "serve it with the shim (it renames the experts and harmonizes gate/up scales)"
+            )
+        return "stock vLLM loads it as it is" if self.verdict == STOCK else "serve it with the shim on PYTHONPATH"
+
     def as_dict(self) -> dict[str, Any]:
         ledger = self.ledger
         return {
@@ -77,6 +91,7 @@ class Diagnosis:
                 "experts": self.mismatched_experts,
                 "worst_ratio": round(self.worst_scale_ratio, 6),
             },
+            "advice": self.advice,
             "problems": [str(p) for p in self.problems],
             "problem_tensors": [p.name for p in self.problems],
             "warnings": self.warnings,
@@ -204,7 +219,7 @@ def render(d: Diagnosis) -> str:
     data = d.as_dict()
     rows = [
         ("checkpoint", data["path"]),
-        ("verdict", data["verdict"]),
+        ("verdict", f"{data['verdict']}: {data['advice']}"),
         ("quantization", data["quantization"]),
         ("experts per layer", str(data["num_experts"])),
         ("shards / tensors", f"{data['shards']} / {data['tensors']}"),

@@ -83,28 +83,18 @@ class Ledger:
     def __init__(self, family: str | None, num_experts: int | None) -> None:
         self.family = family
         self.num_experts = num_experts
-        #: every layer's marks are at least this long; the fast path needs no bounds check below it
+        #: every layer starts with room for this many (expert, slot) marks
         self.width = (num_experts if num_experts is not None else _EXPERTS) * STRIDE
         self.layers: dict[str, Layer] = {}
         self.fused: dict[str, str] = {}  # experts prefix -> first fused tensor name
         self.routers: dict[str, str] = {}  # experts prefix implied by a router -> router name
         self.slots: dict[tuple[str, str], int] = {}  # (proj, canonical suffix) -> slot
         self._slots: dict[tuple[str, str], int] = {}  # (proj, suffix as written) -> slot
-        #: expert-relative name as written (``gate_proj.7.weight``) -> (renamed tail ``.7.gate_proj.weight``,
-        #: marks index, KINDS index + 1, scalar?), for tails accepted once: see ``expect``
-        self.fast: dict[str, tuple[str, int, int, bool]] = {}
         self.refused: list[tuple[str, str]] = []  # (tensor, reason): not forwarded to vLLM
         self.others = 0  # tensors recorded outside per-expert layers (dense, router, fused)
         self.others_renamed = 0
         self.fused_seen = 0
         self.seconds = 0.0  # time spent in the shim itself (not in vLLM or disk reads)
-        #: (projection, suffix) scale slots the stream stopped reading after the first MoE layer:
-        #: their values come from the caller after the load (see stream.rewrite's ``handover``)
-        self.handed: frozenset[tuple[str, str]] = frozenset()
-
-    @property
-    def deferred(self) -> bool:
-        return bool(self.handed)
 
     @property
     def seen(self) -> int:
@@ -154,7 +144,6 @@ class Ledger:
             if parsed is not None:
                 self.fused_seen += 1
                 self.fused.setdefault(parsed.prefix, name)
-                self.fast.clear()  # every later per-expert tensor must meet verify's mixed-layout check
             elif name.endswith(".mlp.gate.weight"):
                 self.routers[name[: -len("gate.weight")] + "experts"] = name
             return None
@@ -172,24 +161,7 @@ class Ledger:
         scalar = parsed.suffix in SCALAR_SUFFIXES
         if scalar and value is not None:
             layer.scalars[index] = value
-        if not self.fused and index < self.width:
-            cut = len(parsed.prefix)
-            self.fast[name[cut + 1 :]] = (new[cut:], index, kind + 1, scalar)
         return layer
-
-    def expect(self, layer: Layer) -> dict[str, tuple[str, int, int, bool]]:
-        """The stream's fast-path table for ``layer``: every accepted tail, spelled out in full.
-
-        checkpoint name -> (vLLM name, marks index, KINDS index + 1, scalar?).  Built once per
-        layer in one tight loop, so that each tensor then costs one dict read on its own name.
-        """
-        head = layer.prefix
-        dot = head + "."
-        handed = {slot for key, slot in self.slots.items() if key in self.handed}  # no longer read by the stream
-        return {
-            dot + tail: (head + new, index, mark, scalar and index % STRIDE not in handed)
-            for tail, (new, index, mark, scalar) in self.fast.items()
-        }
 
     def refuse(self, name: str, reason: str) -> None:
         self.refused.append((name, reason))
@@ -211,15 +183,6 @@ class Ledger:
         if layer is None or slot is None:
             return None
         return layer.scalars.get(expert * STRIDE + slot)
-
-    def unread(self, layer: Layer) -> Iterator[tuple[int, int, str, str]]:
-        """Handed-over scalar scales of ``layer`` without a value: (marks index, expert, proj, suffix)."""
-        for (proj, suffix), slot in self.slots.items():
-            if slot >= STRIDE or (proj, suffix) not in self.handed:
-                continue
-            for index in range(slot, len(layer.marks), STRIDE):
-                if layer.marks[index] and index not in layer.scalars:
-                    yield index, index // STRIDE, proj, suffix
 
     def scalars(self, where: Callable[[float], bool] | None = None) -> Iterator[tuple[str, float]]:
         """Recorded scalar scales as (checkpoint name, value); with ``where``, only the values it selects."""

@@ -8,16 +8,17 @@ as expected it logs one line and leaves vLLM stock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import re
 import sys
 import time
+import weakref
 
 from . import settings as _settings
 from . import verify
 from .errors import CheckpointError
-from .ledger import STRIDE, Layer, Ledger
+from .ledger import Ledger
 from .names import COMPRESSED, MODELOPT, family_of
 from .stream import rewrite
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from types import ModuleType
     from typing import Any
 
-__all__ = ["CLASS", "TESTED", "apply", "is_applied", "last_ledger", "reason", "remove", "target_class"]
+__all__ = ["CLASS", "TESTED", "apply", "full_load", "is_applied", "last_ledger", "reason", "remove", "target_class"]
 
 CLASS = "Qwen3VLMoeForConditionalGeneration"
 #: vLLM releases the test matrix proves; outside it the shim warns once and keeps working.
@@ -170,13 +171,6 @@ def _config_source(vllm_config: Any) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def _item() -> Any:
-    """How the stream reads a scale: ``Tensor.item`` itself, no wrapper (it runs 36,864 times per 30B load)."""
-    from torch import Tensor
-
-    return Tensor.item
-
-
 def _family(instance: Any) -> str | None:
     model_config = getattr(instance, "model_config", None)
     method = getattr(model_config, "quantization", None)
@@ -204,196 +198,123 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
         weights: Iterable[tuple[str, Any]] = kwargs.pop("weights")
     else:
         weights, args = args[0], args[1:]
+    full, local = full_load(weights)
     ledger = Ledger(_family(instance), _num_experts(instance))
     _state["ledger"] = ledger
     check = settings.verify != "off"
     on_problem = _raise if settings.verify == "error" else _log_problem
+    folder = _folder(instance, ledger) if settings.harmonize else None
+    if folder is not None and full:
+        folder.reset()
     scalar = _item() if check else None
-    stored = _StoredScales(instance, ledger) if check and ledger.family in _SCALE_PARAMS else None
-    handover = stored.handover if stored is not None else None
-    stream = rewrite(weights, ledger, check=check, scalar=scalar, handover=handover, on_problem=on_problem)
+    stream = rewrite(weights, ledger, check=check, scalar=scalar, on_problem=on_problem, fold=folder, final=full)
     problems: list[CheckpointError] = []
-    harmonized = None
     try:
         loaded = wrapped(stream, *args, **kwargs)
         stream.close()  # a loader that stopped early
-        started = time.perf_counter()
-        if stored is not None and ledger.deferred:
-            stored.fill()
-        problems = verify.check_complete(ledger) if check else []
+        try:
+            started = time.perf_counter()
+            problems = verify.check_complete(ledger, full=full, experts=local) if check else []
+            ledger.seconds += time.perf_counter() - started
+        except Exception as exc:  # our bug, after the weights are in: never fail a load over it
+            logger.warning("vllm-modelopt-shim: checks after loading skipped (%s: %s)", type(exc).__name__, exc)
         if problems and settings.verify == "error":
             raise verify.summarize(problems)
         for problem in problems[:10]:
             _log_problem(problem)
-        if settings.harmonize and ledger.family in (MODELOPT, COMPRESSED) and ledger.layers:
-            harmonized = _harmonize(instance, ledger.family == MODELOPT)
-        ledger.seconds += time.perf_counter() - started
     except CheckpointError as exc:
-        _report(settings.report_dir, ledger, problems or [exc], None)
+        if full:
+            _report(settings.report_dir, ledger, problems or [exc], None)
         raise
-    _summary(ledger, settings.verify, len(problems), harmonized)
-    _report(settings.report_dir, ledger, problems, harmonized)
+    harmonized = folder.result if folder is not None and full and folder.result.experts else None
+    if folder is not None and folder.error is not None:
+        logger.warning(
+            "vllm-modelopt-shim: harmonization stopped (%s); every expert not yet folded is loaded as the "
+            "checkpoint holds it",
+            folder.error,
+        )
+        folder.error = None
+    try:
+        _summary(ledger, settings.verify, len(problems), harmonized, full)
+    except Exception as exc:  # a log line must never fail a load
+        logger.warning("vllm-modelopt-shim: no summary (%s: %s)", type(exc).__name__, exc)
+    if full:
+        _report(settings.report_dir, ledger, problems, harmonized)
     return loaded
 
 
-#: family -> scale suffix -> (vLLM's w13 parameter [experts, 2: gate, up], w2 parameter [experts])
-_SCALE_PARAMS = {
-    MODELOPT: {
-        "weight_scale_2": ("w13_weight_scale_2", "w2_weight_scale_2"),
-        "input_scale": ("w13_input_scale", "w2_input_scale"),
-    },
-    COMPRESSED: {
-        "weight_global_scale": ("w13_weight_global_scale", "w2_weight_global_scale"),
-        "input_global_scale": ("w13_input_global_scale", "w2_input_global_scale"),
-    },
-}
-_LAYER = re.compile(r"layers\.(\d+)\.mlp\.experts(?:\.|$)")  # 0.32+ keeps them on experts.routed_experts
+def _item() -> Any:
+    """How the stream reads a scale: ``Tensor.item`` itself, no wrapper."""
+    from torch import Tensor
+
+    return Tensor.item
 
 
-class _StoredScales:
-    """Scale values as vLLM stored them, read per MoE layer in bulk after the load.
+def full_load(weights: object) -> tuple[bool, frozenset[int] | None]:
+    """Whether ``weights`` is a whole checkpoint read by one of vLLM's model loaders; its local experts.
 
-    Reading 36,864 scales one ``Tensor.item`` at a time cost a third of the shim's time.  The
-    stream reads the first MoE layer's itself, then asks ``handover`` which (projection, suffix)
-    slots vLLM stored exactly as read, expert for expert; only those slots of the later layers
-    are taken from vLLM's parameters after the load.  Expert parallelism, unknown parameter
-    shapes or any surprise: nothing is handed over and the stream keeps reading every tensor.
+    A full load is vLLM's loader handing over its own ``get_all_weights`` generator (the initial
+    load, and ``reload_weights`` from disk), or a call made from a loader's ``load_weights``.
+    Anything else (weight updates, a reload with the caller's iterator) is judged tensor by
+    tensor.  Unsure is "not a full load": nothing is then refused for what the call lacks.
+    The second value is the expert indices vLLM's expert-parallel weight filter lets through
+    (None: all).
     """
+    try:
+        from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    except Exception:
+        return False, None
+    owner = None
+    frame, code = getattr(weights, "gi_frame", None), getattr(weights, "gi_code", None)
+    if frame is not None and getattr(code, "co_name", None) == "get_all_weights":
+        owner = frame.f_locals.get("self")
+    if not isinstance(owner, BaseModelLoader):
+        owner = None
+        caller = sys._getframe(1)
+        for _ in range(8):  # wrapt and our wrapper sit between the loader and here
+            caller = caller.f_back  # type: ignore[assignment]
+            if caller is None:
+                break
+            if caller.f_code.co_name == "load_weights" and isinstance(caller.f_locals.get("self"), BaseModelLoader):
+                owner = caller.f_locals["self"]
+                break
+    if owner is None:
+        return False, None
+    local = getattr(owner, "local_expert_ids", None)
+    return True, frozenset(local) if isinstance(local, (set, frozenset)) else None
 
-    def __init__(self, model: Any, ledger: Ledger) -> None:
-        self.model = model
-        self.ledger = ledger
-        self.params = _SCALE_PARAMS[ledger.family or ""]
-        self.modules: dict[int, Any] | None = None
 
-    def _table(self, prefix: str) -> dict[tuple[str, str], list[float]] | None:
-        """(projection, suffix) -> value per expert, as stored for the layer ``prefix``; None if unsure."""
-        import torch
+#: model -> its Folder, kept across load_weights calls (weight updates split a checkpoint)
+_FOLDERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
-        if self.modules is None:
-            first = next(iter(self.params.values()))[0]
-            found: dict[int, list[Any]] = {}
-            for name, module in self.model.named_modules():
-                match = _LAYER.search(name)
-                if match is not None and isinstance(getattr(module, first, None), torch.Tensor):
-                    found.setdefault(int(match.group(1)), []).append(module)
-            self.modules = {layer: mods[0] for layer, mods in found.items() if len(mods) == 1}
-        match = _LAYER.search(prefix)
-        module = self.modules.get(int(match.group(1))) if match is not None else None
-        if module is None or getattr(module, "expert_map", None) is not None:
-            return None  # no module, or experts spread over ranks: local and global indices differ
-        table: dict[tuple[str, str], list[float]] = {}
-        for suffix, (w13_name, w2_name) in self.params.items():
-            w13, w2 = getattr(module, w13_name, None), getattr(module, w2_name, None)
-            if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor):
-                return None
-            if w2.dim() == 2 and w2.shape[1] == 1:
-                w2 = w2[:, 0]
-            if w13.dim() != 2 or w13.shape[1] != 2 or w2.dim() != 1 or w2.shape[0] != w13.shape[0]:
-                return None
-            gate, up = w13.detach().float().cpu().t().tolist()
-            table["gate_proj", suffix], table["up_proj", suffix] = gate, up
-            table["down_proj", suffix] = w2.detach().float().cpu().tolist()
-        return table
 
-    def handover(self, layer: Layer) -> set[tuple[str, str]]:
-        """The (projection, suffix) slots whose values vLLM stored exactly as the stream read them.
+def _folder(model: Any, ledger: Ledger) -> Any:
+    """The model's Folder, or None where harmonization does not apply."""
+    if ledger.family not in (MODELOPT, COMPRESSED):
+        return None
+    try:
+        from .harmonize import Folder
 
-        A gate/up slot qualifies only if some expert's gate and up values differ, in both the
-        checkpoint and vLLM's parameter: vLLM releases that write one input scale over both halves
-        (0.17) would otherwise look right.
-        """
-        try:
-            table = self._table(layer.prefix)
-            if table is None:
-                return set()
-            by_slot = {slot: key for key, slot in self.ledger.slots.items()}
-            read: dict[tuple[str, str], dict[int, float]] = {}
-            for index, value in layer.scalars.items():
-                read.setdefault(by_slot[index % STRIDE], {})[index // STRIDE] = value
-            same = set()
-            for key, values in read.items():
-                column = table.get(key)
-                if column is not None and all(
-                    e < len(column) and (column[e] == v or (math.isnan(column[e]) and math.isnan(v)))
-                    for e, v in values.items()
-                ):
-                    same.add(key)
-            handed = set()
-            for proj, suffix in same:
-                if proj == "down_proj":
-                    handed.add((proj, suffix))
-                    continue
-                gate, up = read.get(("gate_proj", suffix), {}), read.get(("up_proj", suffix), {})
-                if {("gate_proj", suffix), ("up_proj", suffix)} <= same and any(
-                    e in up and up[e] != v for e, v in gate.items()
-                ):
-                    handed.add((proj, suffix))
-            return handed
-        except Exception as exc:  # never break a load over an optimization
-            logger.debug("vllm-modelopt-shim: scale values stay read per tensor (%s)", exc)
-            return set()
-
-    def fill(self) -> None:
-        """After the load: every scale value the stream did not read, from vLLM's parameters."""
-        unchecked = []
-        for layer in self.ledger.layers.values():
-            unread = list(self.ledger.unread(layer))
-            try:
-                table = self._table(layer.prefix) if unread else None
-            except Exception:  # never break a load over an optimization
-                table = None
-            if unread and table is None:
-                unchecked.append(layer.prefix)
-                continue
-            for index, expert, proj, suffix in unread:
-                column = table.get((proj, suffix)) if table is not None else None
-                if column is not None and expert < len(column):
-                    layer.scalars[index] = column[expert]
-        if unchecked:  # cannot happen after a verified handover, short of vLLM changing under our feet
-            logger.warning("vllm-modelopt-shim: scale values of %s not checked: vLLM's layout changed", unchecked)
+        folder = _FOLDERS.get(model)
+        if folder is None or folder.reciprocal != (ledger.family == COMPRESSED):
+            folder = Folder(reciprocal=ledger.family == COMPRESSED, num_experts=ledger.num_experts)
+            with contextlib.suppress(TypeError):  # not weak-referenceable: state lives for this call only
+                _FOLDERS[model] = folder
+        return folder
+    except Exception as exc:  # never break a load over the fold
+        logger.warning("vllm-modelopt-shim: harmonization off (%s: %s)", type(exc).__name__, exc)
+        return None
 
 
 def _report(directory: str | None, ledger: Ledger, problems: list[CheckpointError], harmonized: Any) -> None:
     if not directory:
         return
-    from . import report
-
     try:
+        from . import report
+
         logger.info("vllm-modelopt-shim: report written to %s", report.write(directory, ledger, problems, harmonized))
-    except OSError as exc:  # a report must never fail a load
-        logger.warning("vllm-modelopt-shim: report not written to %s: %s", directory, exc)
-
-
-def _harmonize(model: Any, modelopt: bool) -> Any:
-    """Fold gate/up global scales on vLLM's w13 parameters, before vLLM post-processes them."""
-    import torch
-
-    from . import harmonize
-
-    total = harmonize.Result()
-    glob_name, weight_name = (
-        ("w13_weight_scale_2", "w13_weight") if modelopt else ("w13_weight_global_scale", "w13_weight_packed")
-    )
-    with torch.no_grad():
-        for module in model.modules():
-            scales, glob = getattr(module, "w13_weight_scale", None), getattr(module, glob_name, None)
-            weights = getattr(module, weight_name, None)
-            if not isinstance(scales, torch.Tensor) or not isinstance(glob, torch.Tensor):
-                continue
-            if (
-                scales.dtype != torch.float8_e4m3fn
-                or scales.dim() != 3
-                or scales.shape[1] % 2
-                or glob.dim() != 2
-                or tuple(glob.shape) != (scales.shape[0], 2)
-            ):
-                continue  # not the layout this fold understands: leave it exactly as loaded
-            packed = weights.data if isinstance(weights, torch.Tensor) and weights.dtype == torch.uint8 else None
-            if packed is not None and tuple(packed.shape[:2]) != tuple(scales.shape[:2]):
-                packed = None  # energies unknown: every block counts equally
-            total.add(harmonize.fold(scales.data, glob.data, packed, reciprocal=not modelopt))
-    return total if total.experts else None
+    except Exception as exc:  # a report must never fail a load
+        logger.warning("vllm-modelopt-shim: report not written to %s (%s: %s)", directory, type(exc).__name__, exc)
 
 
 def _raise(problem: CheckpointError) -> None:
@@ -404,12 +325,15 @@ def _log_problem(problem: CheckpointError) -> None:
     logger.warning("vllm-modelopt-shim: %s (VLLM_MODELOPT_SHIM_VERIFY=warn: not refused)", problem)
 
 
-def _summary(ledger: Ledger, mode: str, problems: int, harmonized: Any) -> None:
+def _summary(ledger: Ledger, mode: str, problems: int, harmonized: Any, full: bool) -> None:
     experts = ledger.complete_experts()
-    verified = f"{experts} experts verified" if mode != "off" else "verification off"
+    verified = (
+        (f"{experts} experts verified" if full else "each tensor checked") if mode != "off" else "verification off"
+    )
     refused = f", {len(ledger.refused)} refused" if ledger.refused else ""
     issues = f", {problems} problem(s) logged" if problems else ""
-    logger.info(
+    log = logger.info if full else logger.debug  # weight updates: no INFO line per call
+    log(
         "vllm-modelopt-shim: %d tensors seen, %d renamed%s, %s in %d MoE layers%s, %.3f s in the shim",
         ledger.seen,
         ledger.renamed,
@@ -420,4 +344,4 @@ def _summary(ledger: Ledger, mode: str, problems: int, harmonized: Any) -> None:
         ledger.seconds,
     )
     if harmonized is not None:
-        logger.info("vllm-modelopt-shim: %s", harmonized)
+        log("vllm-modelopt-shim: %s", harmonized)

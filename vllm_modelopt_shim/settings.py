@@ -22,8 +22,14 @@ VERIFY_MODES = ("error", "warn", "off")
 _TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
+_warned: set[str] = set()
+
+
 def _stderr(message: str) -> None:
-    sys.stderr.write(f"vllm-modelopt-shim: WARNING {message}\n")
+    """Warn on stderr, once per message per process (settings are read at every load)."""
+    if message not in _warned:
+        _warned.add(message)
+        sys.stderr.write(f"vllm-modelopt-shim: WARNING {message}\n")
 
 
 class Settings:

@@ -1,13 +1,16 @@
 """Ledger -> problems.  The only place that decides what is an error.
 
 Two moments: ``check_tensor`` before a tensor is forwarded to vLLM (so our message comes
-before vLLM's own crash), and ``check_complete`` after vLLM's loader has returned.
+before vLLM's own crash), and ``check_complete`` after vLLM's loader has returned.  Coverage
+(every expert x projection x suffix, a router's experts) is judged only where a whole checkpoint
+was read; a weight update is judged tensor by tensor (its scale values included).
 The runtime and the ``doctor`` command both call these: one truth, two doors.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 from .errors import (
     CheckpointError,
@@ -106,8 +109,30 @@ def check_tensor(ledger: Ledger, name: str, parsed: ExpertName | None) -> Checkp
     return None
 
 
-def check_complete(ledger: Ledger) -> list[CheckpointError]:
-    """Problems visible only once the whole stream has passed: gaps and unusable scales."""
+def check_complete(
+    ledger: Ledger, *, full: bool = True, experts: Collection[int] | None = None
+) -> list[CheckpointError]:
+    """Problems visible once the stream has passed: unusable scales, and gaps if ``full``.
+
+    ``full``: the stream was a whole checkpoint.  Otherwise (a weight update) nothing is judged by
+    what the call lacks, and a NaN scale passes: vLLM's sparse weight patches mark "unchanged" so.
+    ``experts``: the only expert indices this process was handed (vLLM's expert-parallel weight
+    filter skips the others before they are read); coverage of the rest is not judged.
+    """
+    problems = _coverage(ledger, experts) if full else []
+    unusable = (lambda v: not 0.0 < v < math.inf) if full else (lambda v: v <= 0.0 or v == math.inf)
+    for name, value in ledger.scalars(unusable):
+        problems.append(
+            UnusableScaleError(
+                name,
+                f"{name} = {value!r}: global and input scales must be one finite value > 0 (vLLM would emit NaN "
+                "or one repeated token); recalibrate so this expert sees data, or re-export",
+            )
+        )
+    return problems
+
+
+def _coverage(ledger: Ledger, only: Collection[int] | None) -> list[CheckpointError]:
     problems: list[CheckpointError] = []
     for prefix, router in ledger.routers.items():
         if prefix not in ledger.layers and prefix not in ledger.fused:
@@ -128,6 +153,8 @@ def check_complete(ledger: Ledger) -> list[CheckpointError]:
         if layer.complete(full, experts) == experts:
             continue
         for expert in range(experts):
+            if only is not None and expert not in only:
+                continue
             mask = layer.mask(expert)
             if mask != full:
                 missing.extend(layer.name(expert, p, s) for p, s, bit in slots if not mask >> bit & 1)
@@ -140,14 +167,6 @@ def check_complete(ledger: Ledger) -> list[CheckpointError]:
             f"{shown}. Restore them from the original export (a shard may be incomplete)"
         )
         problems.append(MissingTensorError(missing[0], message))
-    for name, value in ledger.scalars(lambda value: not 0.0 < value < math.inf):  # not usable_scale(), inlined
-        problems.append(
-            UnusableScaleError(
-                name,
-                f"{name} = {value!r}: global and input scales must be one finite value > 0 (vLLM would emit NaN "
-                "or one repeated token); recalibrate so this expert sees data, or re-export",
-            )
-        )
     return problems
 
 

@@ -71,7 +71,9 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def _server(name: str, ckpt: Path, workdir: Path, *, shim: bool, tp: int = 1, **env: str) -> Iterator[dict[str, Any]]:
+def _server(
+    name: str, ckpt: Path, workdir: Path, *, shim: bool, tp: int = 1, args: tuple[str, ...] = (), **env: str
+) -> Iterator[dict[str, Any]]:
     """Start ``vllm serve``; yields {"port", "proc", "log", "startup_s"} (startup_s None: it exited)."""
     python = e2e_env.ensure()
     port = _free_port()
@@ -90,6 +92,7 @@ def _server(name: str, ckpt: Path, workdir: Path, *, shim: bool, tp: int = 1, **
     cmd = [str(python.parent / "vllm"), "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS]
     if tp != 1:
         cmd += ["--tensor-parallel-size", str(tp)]
+    cmd += list(args)
     started = time.monotonic()
     # cwd outside the checkout: a vllm_modelopt_shim.egg-info there would register the shim's plugin
     with log.open("wb") as out:
@@ -181,8 +184,9 @@ def _served(key: str, ckpts: dict[str, Path], workdir: Path) -> dict[str, Any]:
         shim, tp = key.startswith("shim"), int(key[-1])
         layout = "legacy" if shim else "canonical"
         extra = {"VLLM_MODELOPT_SHIM_HARMONIZE": "0"} if shim else {}
+        args = ("--enable-expert-parallel",) if "_ep" in key else ()
         started = time.monotonic()
-        with _server(key, ckpts[layout], workdir, shim=shim, tp=tp, **extra) as info:
+        with _server(key, ckpts[layout], workdir, shim=shim, tp=tp, args=args, **extra) as info:
             assert info["startup_s"], f"{key} exited {info['proc'].returncode}:\n{info['log'].read_text()[-6000:]}"
             answers = _query(info["port"])
         print(f"[e2e] {key}: served and queried in {time.monotonic() - started:.1f} s")
@@ -272,3 +276,75 @@ def test_tensor_parallel_2_equals_stock_tensor_parallel_2(ckpts: dict[str, Path]
             a == b for r in tp1 for a, b in zip(tp1[r]["token_ids"], shim["answers"][r]["token_ids"], strict=True)
         )
         print(f"[e2e] TP=2 vs TP=1 (shim): {same}/{sum(len(r['token_ids']) for r in tp1.values())} greedy tokens equal")
+
+
+def test_expert_parallel_2_equals_stock_expert_parallel_2(ckpts: dict[str, Path], workdir: Path) -> None:
+    """TP=2 with --enable-expert-parallel: each worker holds half the experts; no false error or warning."""
+    shim = _served("shim_ep2", ckpts, workdir)
+    assert len(re.findall(r"vllm-modelopt-shim: \d+ tensors seen, 96 renamed", shim["log"])) == 2, shim["log"][-6000:]
+    assert not re.search(r"WARNING[^\n]*vllm-modelopt-shim", shim["log"]) and "problem(s) logged" not in shim["log"]
+    stock = _served("stock_ep2", ckpts, workdir)
+    _assert_equal(shim["answers"], stock["answers"], "shim EP=2 (legacy) vs stock EP=2 (canonical)")
+
+
+def _reload(ckpt: Path, workdir: Path, **env: str) -> dict[str, Any]:
+    """tests/e2e/reload.py in the CPU venv with the shim on PYTHONPATH: answers before and after a reload."""
+    import json
+
+    python = e2e_env.ensure()
+    overrides = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0", "HF_HUB_OFFLINE": "1"}
+    proc_env = vllm_runs.clean_env(True, **overrides, **env)
+    proc_env.pop("VLLM_PLUGINS", None)
+    script = Path(__file__).resolve().parent / "reload.py"
+    proc = subprocess.run(
+        [str(python), str(script), str(ckpt)], env=proc_env, cwd=workdir, capture_output=True, text=True, timeout=600
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RELOAD ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    result: dict[str, Any] = json.loads(lines[0][len("RELOAD ") :])
+    result["log"] = proc.stdout + proc.stderr
+    return result
+
+
+@pytest.mark.parametrize("harmonize", ["1", "0"], ids=["default", "byte-exact"])
+def test_reload_weights_serves_the_same_model_as_before(ckpts: dict[str, Path], workdir: Path, harmonize: str) -> None:
+    """vLLM's in-place reload (layerwise processing inside load_weights): identical tokens and logprobs."""
+    r = _reload(ckpts["legacy"], workdir, VLLM_MODELOPT_SHIM_HARMONIZE=harmonize)
+    assert r["before"] == r["after"], (r["before"], r["after"])
+    loads = re.findall(r"vllm-modelopt-shim: \d+ tensors seen, 96 renamed", r["log"])
+    assert len(loads) == 2, r["log"][-6000:]  # the initial load and the reload, both full loads
+    folds = re.findall(r"harmonized gate/up global scales of (\d+) of", r["log"])
+    assert folds == ([] if harmonize == "0" else [folds[0], folds[0]]) and (harmonize == "0" or int(folds[0]) > 0)
+    n = sum(len(x["token_ids"]) for x in r["after"])
+    print(f"[e2e] reload_weights (harmonize={harmonize}): {n} tokens and top-5 logprobs equal before and after")
+
+
+def test_default_settings_serve_closer_to_the_checkpoint_than_byte_exact(ckpts: dict[str, Path], workdir: Path) -> None:
+    """Harmonized (the default) vs byte-exact, each against the reference that dequantizes every projection
+    with its own global scale: the default must generate and be at least as close (mean and max over
+    every served top-5 logprob)."""
+    from e2e.reference import Reference
+
+    if "shim_default_tp1" not in _results:
+        with _server("shim_default_tp1", ckpts["legacy"], workdir, shim=True) as info:
+            assert info["startup_s"], info["log"].read_text()[-6000:]
+            _results["shim_default_tp1"] = {"answers": _query(info["port"]), "log": info["log"].read_text()}
+    default = _results["shim_default_tp1"]
+    assert re.search(r"harmonized gate/up global scales of [1-9]\d* of", default["log"]), default["log"][-4000:]
+    exact = _served("shim_tp1", ckpts, workdir)
+    ref = Reference(ckpts["legacy"], w13_global="own")
+    stats = {}
+    for key, run in (("default", default), ("byte-exact", exact)):
+        diffs = []
+        for ans in run["answers"].values():
+            prompt, gen = ans["prompt_token_ids"], ans["token_ids"]
+            assert len(gen) == MAX_TOKENS
+            logprobs = ref.logits(prompt + gen).log_softmax(-1)[len(prompt) - 1 : -1]
+            for step, top in enumerate(ans["top"]):
+                diffs += [abs(float(logprobs[step, int(tok.split(":")[1])]) - lp) for tok, lp in top.items()]
+        stats[key] = (sum(diffs) / len(diffs), max(diffs))
+    print(
+        "[e2e] |logprob diff| vs the own-scale reference (mean, max): "
+        + ", ".join(f"{k} {m:.4f}, {w:.3f}" for k, (m, w) in stats.items())
+    )
+    assert stats["default"][0] <= stats["byte-exact"][0], stats

@@ -107,7 +107,7 @@ def test_damaged_checkpoints_are_refused_naming_the_tensor(on: dict[str, Any], n
 
 @pytest.mark.parametrize("name", ["modelopt-legacy", "modelopt-split", "ct-legacy"])
 def test_every_scale_value_is_checked_as_the_checkpoint_holds_it(on: dict[str, Any], name: str) -> None:
-    """After the first MoE layer the values come from vLLM's parameters (0.32+), never different ones."""
+    """Every per-expert global and input scale is read from its own tensor, in every layer."""
     from safetensors import safe_open
 
     suffixes = ("weight_scale_2", "input_scale", "weight_global_scale", "input_global_scale")
@@ -119,8 +119,6 @@ def test_every_scale_value_is_checked_as_the_checkpoint_holds_it(on: dict[str, A
                     expected[k] = f.get_tensor(k).item()
     scales = on[name]["scales"]
     assert len(expected) == 2 * 4 * 3 * 2 and scales["values"] == expected
-    if vllm_runs.vllm_release() >= (0, 32, 0):
-        assert scales["from_vllm"] is True
 
 
 def test_one_summary_line_per_load(on: dict[str, Any]) -> None:
@@ -154,9 +152,10 @@ def test_the_report_lists_every_layer_and_everything_not_loaded(paths: Paths, tm
         VLLM_MODELOPT_SHIM_HARMONIZE="0",
         VLLM_MODELOPT_SHIM_REPORT=str(report_dir),
     )
-    (report,) = report_dir.glob("vllm-modelopt-shim-*.json")  # one file per process, named by pid
+    (report,) = report_dir.glob("vllm-modelopt-shim-*.json")  # one file per process: host, pid, token
     data = json.loads(report.read_text())
-    assert report.name == f"vllm-modelopt-shim-{data['pid']}.json" and len(data["loads"]) == 2
+    assert report.name.startswith("vllm-modelopt-shim-") and f"-{data['pid']}-" in report.name
+    assert len(data["loads"]) == 2
     good, dup = data["loads"]
     assert good["tensors_seen"] == 180 and good["renamed"] == 96 and good["not_loaded"] == []
     assert set(good["layers"]) == {f"model.language_model.layers.{i}.mlp.experts" for i in (0, 1)}

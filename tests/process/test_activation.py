@@ -124,3 +124,27 @@ def test_status_says_what_the_shim_does_in_this_interpreter() -> None:
     assert "shim: on (default)" in out and "verify=warn" in out and "wrapt: " in out
     assert "Qwen3VLMoeForConditionalGeneration.load_weights found" in out
     assert "patch applied: True" in out
+
+
+def status(env: dict[str, str], cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_modelopt_shim", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=cwd,
+    )
+
+
+def test_status_from_a_checkout_without_pythonpath_says_what_is_missing() -> None:
+    r = status(vllm_runs.clean_env(False), cwd=str(vllm_runs.ROOT))  # python -m finds the package in cwd only
+    assert "armed by: neither" in r.stdout and f"PYTHONPATH={vllm_runs.ROOT}" in r.stdout, r.stdout
+    assert "patch applied: False (no hook is armed in this interpreter)" in r.stdout, r.stdout
+
+
+def test_a_bad_value_warns_once_per_process() -> None:
+    r = status(vllm_runs.clean_env(True, VLLM_MODELOPT_SHIM="maybe"))
+    assert r.returncode == 0
+    warnings = [x for x in r.stderr.splitlines() if "VLLM_MODELOPT_SHIM='maybe'" in x]
+    assert len(warnings) == 1, r.stderr

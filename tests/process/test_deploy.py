@@ -77,6 +77,22 @@ def test_a_pip_installed_copy_patches_vllm_through_the_entry_point(pip_target: P
     assert r["stage"] == "loaded" and r["patched"] is True and r["mismatched"] == [] and r["unwritten"] == []
 
 
+def test_after_pip_install_status_and_the_console_script_say_the_entry_point_arms_it(pip_target: Path) -> None:
+    env = vllm_runs.clean_env(shim=False)
+    env["PYTHONPATH"] = str(pip_target)  # a pip user: no checkout on the path
+    script = pip_target / "bin" / "vllm-modelopt-shim"
+    assert script.is_file(), sorted(p.name for p in (pip_target / "bin").iterdir())
+    for cmd in ([str(script), "status"], [sys.executable, "-m", "vllm_modelopt_shim", "status"]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=pip_target.parent)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "armed by: vllm.general_plugins entry point" in r.stdout, r.stdout
+        assert "patch applied: True" in r.stdout, r.stdout
+    off = subprocess.run(
+        [str(script), "status"], env={**env, "VLLM_MODELOPT_SHIM": "0"}, capture_output=True, text=True, timeout=900
+    )
+    assert "patch applied: False (VLLM_MODELOPT_SHIM is off)" in off.stdout, off.stdout
+
+
 def test_plugin_and_pythonpath_together_patch_once(pip_target: Path, legacy: Path) -> None:
     env = vllm_runs.clean_env(shim=True, VLLM_MODELOPT_SHIM_HARMONIZE="0")
     env["PYTHONPATH"] = f"{ROOT}:{pip_target}"

@@ -1,6 +1,13 @@
-"""Harmonization: with vLLM's one-scale-for-w13 semantics, both halves dequantize as the checkpoint says."""
+"""Harmonization on real NVFP4 tensors: vLLM's one-scale-for-w13 semantics, and the stream's Folder.
+
+With vLLM's semantics (both w13 halves at the gate column's global scale) each half must dequantize
+as the checkpoint says; the Folder must give the same bytes however a checkpoint is split over calls.
+"""
 
 from __future__ import annotations
+
+import random
+from typing import Any
 
 import pytest
 
@@ -8,84 +15,211 @@ torch = pytest.importorskip("torch")
 
 import checkpoints  # noqa: E402
 
-from vllm_modelopt_shim.harmonize import FP8_MAX, fold  # noqa: E402
+from vllm_modelopt_shim.harmonize import FP8_MAX, Folder, fold  # noqa: E402
+from vllm_modelopt_shim.ledger import Ledger  # noqa: E402
+from vllm_modelopt_shim.names import MODELOPT, canonical  # noqa: E402
+from vllm_modelopt_shim.stream import rewrite  # noqa: E402
 
 ROWS, K = 64, 256
 
 
-def expert(up_factor: float, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One expert's gate and up, really NVFP4-quantized each with its own global scale (as ModelOpt does)."""
+def expert(up_factor: float, seed: int = 0, shared: bool = False) -> dict[str, Any]:
+    """One expert's gate and up, really NVFP4-quantized each with its own global scale (as ModelOpt does),
+    or with ``shared`` one (as calibrated experts often get)."""
     g = torch.Generator().manual_seed(seed)
     gate = torch.randn(ROWS, K, generator=g) * 0.05
     up = torch.randn(ROWS, K, generator=g) * 0.05 * up_factor
-    (gp, gs, g2), (up_, us, u2) = checkpoints.quantize(gate), checkpoints.quantize(up)
-    return {
-        "packed": torch.cat([gp, up_])[None],
-        "scales": torch.cat([gs, us])[None],
-        "s2": torch.stack([g2, u2])[None],
-        "gate": checkpoints.dequantize(gp, gs, float(g2)),
-        "up": checkpoints.dequantize(up_, us, float(u2)),
-    }
-
-
-def vllm_dequant(packed: torch.Tensor, scales: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What vLLM computes: both w13 halves at the gate column's global scale."""
-    w = checkpoints.dequantize(packed[0], scales[0], float(s2[0, 0]))
-    return w[:ROWS], w[ROWS:]
+    gp, gs, g2 = checkpoints.quantize(gate)
+    up_, us, u2 = checkpoints.quantize(up, g2 if shared else None)
+    return {"gp": gp, "gs": gs, "g2": float(g2), "up": up_, "us": us, "u2": float(u2)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def errors(x: dict[str, Any], gate_scales: torch.Tensor, up_scales: torch.Tensor, common: float) -> tuple[float, float]:
+    """Relative L2 error of each half as vLLM dequantizes it (one common scale) vs the checkpoint's own."""
+    want_g = checkpoints.dequantize(x["gp"], x["gs"], x["g2"])
+    want_u = checkpoints.dequantize(x["up"], x["us"], x["u2"])
+    return (
+        rel(checkpoints.dequantize(x["gp"], gate_scales, common), want_g),
+        rel(checkpoints.dequantize(x["up"], up_scales, common), want_u),
+    )
+
+
 def test_without_harmonization_up_is_off_by_the_scale_ratio() -> None:
-    x = expert(1.3)  # gate/up global scales 13.9% apart, as the worst measured expert
-    gate, up = vllm_dequant(x["packed"], x["scales"], x["s2"])
-    g, u = float(x["s2"][0, 0]), float(x["s2"][0, 1])
-    assert rel(gate, x["gate"]) == 0.0
-    assert rel(up, x["up"]) == pytest.approx(abs(g - u) / u, rel=1e-4) and abs(g - u) / u > 0.05
+    x = expert(1.3)
+    gate, up = errors(x, x["gs"], x["us"], x["g2"])  # what vLLM does with the checkpoint as it is
+    assert gate == 0.0
+    assert up == pytest.approx(abs(x["g2"] - x["u2"]) / x["u2"], rel=1e-4) and up > 0.05
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("factor", [1.14, 0.88, 1.3, 0.5, 2.0])
+@pytest.mark.parametrize("factor", [1.14, 0.88, 1.3, 0.5, 2.0, 3.0])
 def test_both_halves_match_the_checkpoint_within_fp8_rounding(factor: float, seed: int) -> None:
     x = expert(factor, seed)
-    result = fold(x["scales"], x["s2"], x["packed"], reciprocal=False)
-    gate, up = vllm_dequant(x["packed"], x["scales"], x["s2"])
-    assert result.harmonized == 1
-    assert rel(gate, x["gate"]) <= 0.02 and rel(up, x["up"]) <= 0.04  # issue targets: gate 2%, up 4%
-    assert result.worst_after == pytest.approx(max(rel(gate, x["gate"]), rel(up, x["up"])), rel=1e-3)
-    assert float(x["s2"][0, 0]) == float(x["s2"][0, 1])
+    f = fold(x["gs"], x["us"], x["g2"], x["u2"], reciprocal=False)
+    assert f is not None
+    gate, up = errors(x, f.gate, f.up, f.common)
+    assert gate <= 0.02 and up <= 0.04  # issue targets: gate 2%, up 4%
+    assert gate == 0.0  # the common scale is gate's times a power of two: gate's blocks shift exactly
+    assert f.before == pytest.approx(abs(x["g2"] - x["u2"]) / x["u2"])
+    assert float(f.up.float().max()) <= FP8_MAX and bool(torch.isfinite(f.up.float()).all())
 
 
-def test_gate_stays_exact_when_up_fits_under_gates_scale() -> None:
+def test_gate_is_untouched_when_up_fits_under_gates_scale() -> None:
     x = expert(0.88)
-    before = x["scales"][0, :ROWS].clone()
-    fold(x["scales"], x["s2"], x["packed"], reciprocal=False)
-    assert torch.equal(x["scales"][0, :ROWS].view(torch.uint8), before.view(torch.uint8))
-    gate, _ = vllm_dequant(x["packed"], x["scales"], x["s2"])
-    assert rel(gate, x["gate"]) == 0.0
-
-
-def test_block_scales_never_exceed_fp8_max() -> None:
-    x = expert(3.0)
-    fold(x["scales"], x["s2"], x["packed"], reciprocal=False)
-    values = x["scales"].float()
-    assert bool(torch.isfinite(values).all()) and float(values.max()) <= FP8_MAX
+    f = fold(x["gs"], x["us"], x["g2"], x["u2"], reciprocal=False)
+    assert f is not None and f.shift == 0 and f.gate is x["gs"] and f.common == x["g2"]
 
 
 def test_compressed_tensors_global_scales_are_reciprocal() -> None:
     x = expert(1.14)
-    gs = 1.0 / x["s2"]  # compressed-tensors stores the divisor
-    fold(x["scales"], gs, x["packed"], reciprocal=True)
-    gate, up = vllm_dequant(x["packed"], x["scales"], 1.0 / gs)
-    assert rel(gate, x["gate"]) <= 0.02 and rel(up, x["up"]) <= 0.04
-    assert float(gs[0, 0]) == float(gs[0, 1])
+    f = fold(x["gs"], x["us"], 1.0 / x["g2"], 1.0 / x["u2"], reciprocal=True)
+    assert f is not None
+    gate, up = errors(x, f.gate, f.up, 1.0 / f.common)
+    assert gate <= 0.02 and up <= 0.04
 
 
-def test_equal_scales_are_left_byte_identical() -> None:
+def test_equal_or_unusable_scales_are_left_alone() -> None:
     x = expert(1.0)
-    x["s2"][0, 1] = x["s2"][0, 0]
-    before = x["scales"].clone()
-    result = fold(x["scales"], x["s2"], x["packed"], reciprocal=False)
-    assert result.harmonized == 0 and torch.equal(x["scales"].view(torch.uint8), before.view(torch.uint8))
+    assert fold(x["gs"], x["us"], x["g2"], x["g2"], reciprocal=False) is None
+    assert fold(x["gs"], x["us"], x["g2"], 0.0, reciprocal=False) is None
+    assert fold(x["gs"], x["us"], float("nan"), x["u2"], reciprocal=False) is None
+
+
+# -- the Folder, through the stream ---------------------------------------------------------------
+P = "model.language_model.layers.{}.mlp.experts"
+
+
+def layer_tensors(layers: int = 2, experts: int = 4) -> list[tuple[str, torch.Tensor]]:
+    """Legacy ModelOpt expert tensors in checkpoint order, gate/up scales apart in odd experts."""
+    out = []
+    for layer in range(layers):
+        ts: dict[str, torch.Tensor] = {}
+        for e in range(experts):
+            x = expert(1.3 if e % 2 else 1.0, seed=layer * 10 + e, shared=e % 2 == 0)
+            for proj, packed, scales, s2 in (
+                ("gate_proj", x["gp"], x["gs"], x["g2"]),
+                ("up_proj", x["up"], x["us"], x["u2"]),
+            ):
+                base = f"{P.format(layer)}.{proj}.{e}"
+                ts[f"{base}.weight"] = packed
+                ts[f"{base}.weight_scale"] = scales
+                ts[f"{base}.weight_scale_2"] = torch.tensor(s2, dtype=torch.float32)
+                ts[f"{base}.input_scale"] = torch.tensor(0.01, dtype=torch.float32)
+        out += sorted(ts.items())
+    return out
+
+
+def load(calls: list[list[tuple[str, torch.Tensor]]], folder: Folder, *, full: bool = False) -> dict[str, bytes]:
+    """What vLLM's parameters would hold: the last bytes forwarded under each name."""
+    params: dict[str, bytes] = {}
+    for i, call in enumerate(calls):
+        ledger = Ledger(MODELOPT, 4)
+        last = full and i == len(calls) - 1
+        for name, t in rewrite(call, ledger, scalar=torch.Tensor.item, fold=folder, final=last):
+            params[name] = t.contiguous().view(torch.uint8).numpy().tobytes() if t.dim() else t.numpy().tobytes()
+    return params
+
+
+def split(ts: list[Any], calls: int) -> list[list[Any]]:
+    size = max(1, -(-len(ts) // calls))
+    return [ts[i : i + size] for i in range(0, len(ts), size)]
+
+
+@pytest.mark.parametrize("calls", [4, 7, 10**9], ids=["4 buckets", "7 buckets", "one tensor per call"])
+def test_any_split_over_calls_gives_the_bytes_of_one_call(calls: int) -> None:
+    ts = layer_tensors()
+    one = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
+    folder = Folder(reciprocal=False, num_experts=4)
+    assert load(split(ts, calls), folder) == one
+    assert folder.waiting == {} and folder.result.harmonized == 4  # the odd experts of both layers
+
+
+def test_the_fold_changes_what_it_should_and_nothing_else() -> None:
+    ts = layer_tensors()
+    folded = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
+    by_new = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
+    assert set(folded) == set(by_new)
+    differ = sorted(n for n in folded if folded[n] != by_new[n])
+    assert differ and all(n.split(".")[-3] in ("1", "3") for n in differ)  # odd experts only
+    assert all(
+        n.endswith((".up_proj.weight_scale", ".weight_scale_2")) or ".gate_proj.weight_scale" in n for n in differ
+    )
+    assert not any(n.endswith((".weight", ".input_scale")) for n in differ)
+
+
+def test_reversed_order_folds_like_checkpoint_order() -> None:
+    ts = layer_tensors()
+    folder = Folder(reciprocal=False, num_experts=4)
+    assert load([ts[::-1]], folder, full=True) == load([ts], Folder(reciprocal=False, num_experts=4), full=True)
+    assert folder.result.left == 0 and folder.result.harmonized == 4
+
+
+def test_at_most_one_layers_scales_wait_and_what_is_let_go_stays_whole() -> None:
+    """Two layers' gates waiting at once exceed the bound: the oldest experts pass as they are, counted."""
+    ts = layer_tensors()
+    half = len(ts) // 2
+    interleaved = [x for pair in zip(ts[:half], ts[half:], strict=True) for x in pair]
+    folder = Folder(reciprocal=False, num_experts=4)
+    got = load([interleaved], folder, full=True)
+    good = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
+    raw = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
+    assert folder.result.left > 0 and folder.result.experts + folder.result.left == 8
+    assert_whole(got, good, raw)
+
+
+def assert_whole(got: dict[str, bytes], good: dict[str, bytes], raw: dict[str, bytes]) -> None:
+    assert set(got) == set(raw)
+    for layer in range(2):
+        for e in range(4):
+            names = [n for n in raw if n.startswith(f"{P.format(layer)}.{e}.")]
+            assert all(got[n] == good[n] for n in names) or all(got[n] == raw[n] for n in names), (layer, e)
+
+
+def test_an_internal_error_leaves_every_expert_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failing fold every expert is either fully folded or exactly as the checkpoint holds it."""
+    import vllm_modelopt_shim.harmonize as harmonize
+
+    real = harmonize.fold_many
+    seen = []
+
+    def breaks(*args: Any, **kwargs: Any) -> Any:
+        seen.append(1)
+        if len(seen) == 2:  # the second layer's batch
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harmonize, "fold_many", breaks)
+    ts = layer_tensors()
+    folder = Folder(reciprocal=False, num_experts=4)
+    got = load([ts], folder, full=True)
+    assert folder.error is not None and "injected" in folder.error
+    monkeypatch.setattr(harmonize, "fold_many", real)
+    raw = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
+    good = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
+    assert_whole(got, good, raw)
+    assert any(got[n] != good[n] for n in raw)  # the injected error did leave some expert as it was
+
+
+def test_a_later_update_of_one_piece_keeps_the_expert_consistent() -> None:
+    """A weight update re-sending gate's block scales alone: forwarded as the earlier fold had them."""
+    ts = layer_tensors(layers=1)
+    folder = Folder(reciprocal=False, num_experts=4)
+    first = load([ts], folder)
+    piece = [(n, t) for n, t in ts if n.endswith("gate_proj.1.weight_scale")]
+    again = load([piece], folder)
+    ((name, data),) = again.items()
+    assert data == first[name]
+
+
+def test_random_splits_and_orders_within_a_layer_agree() -> None:
+    ts = layer_tensors()
+    one = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
+    rng = random.Random(0)
+    for _ in range(5):
+        cuts = sorted(rng.sample(range(1, len(ts)), 5))
+        calls = [ts[a:b] for a, b in zip([0, *cuts], [*cuts, len(ts)], strict=True)]
+        assert load(calls, Folder(reciprocal=False, num_experts=4)) == one

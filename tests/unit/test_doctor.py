@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from vllm_modelopt_shim.__main__ import main
-from vllm_modelopt_shim.doctor import CANNOT, NEEDS_SHIM, STOCK, diagnose
+from vllm_modelopt_shim.doctor import CANNOT, NEEDS_SHIM, STOCK, diagnose, render
 
 L = "model.language_model.layers"
 SUFFIXES = {
@@ -96,6 +96,10 @@ def test_gate_up_scale_mismatch_is_a_warning_with_the_worst_ratio(tmp_path: Path
     assert d.verdict == STOCK and d.mismatched_experts == 2  # expert 1 of each layer
     assert d.worst_scale_ratio == pytest.approx(1.2, rel=1e-6)
     assert "1.200" in d.warnings[0] and "VLLM_MODELOPT_SHIM_HARMONIZE" in d.warnings[0]
+    # the verdict carries its advice, so "loads with stock vLLM" does not read as "nothing to do"
+    assert "serve it with the shim" in d.advice and "2 experts" in d.advice
+    verdict = render(d).splitlines()[1].split()
+    assert verdict[:5] == ["verdict", f"{STOCK}:", "stock", "vLLM", "loads"]
 
 
 @pytest.mark.parametrize(

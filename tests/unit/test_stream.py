@@ -1,8 +1,8 @@
-"""The stream's fast path: every MoE layer after the first decides exactly like the general path.
+"""The stream: one path for every tensor, whatever the layer or the order it arrives in.
 
-The first layer's tensors go through ``verify`` one by one; later layers are matched against
-``Ledger.expect``.  Damage placed in any layer must give the same error, naming the same tensor.
-Pure: the 'tensors' are plain floats, as in test_verify.
+Every tensor goes through ``verify.check_tensor`` once; damage placed in any layer gives the
+same error, naming the same tensor; a checkpoint split over many calls (weight updates) is never
+refused for what a call lacks.  Pure: the 'tensors' are plain floats, as in test_verify.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from vllm_modelopt_shim import (
     UnusableScaleError,
 )
 from vllm_modelopt_shim.errors import CheckpointError
-from vllm_modelopt_shim.ledger import Layer, Ledger
+from vllm_modelopt_shim.ledger import Ledger
 from vllm_modelopt_shim.names import MODELOPT, canonical, legacy
 from vllm_modelopt_shim.stream import rewrite
 from vllm_modelopt_shim.verify import check_complete, summarize
@@ -63,14 +63,76 @@ def after(names: list[tuple[str, float]], anchor: str, extra: tuple[str, float])
     return [*names[:at], extra, *names[at:]]
 
 
-def test_every_layer_after_the_first_takes_the_fast_path() -> None:
+def test_every_tensor_is_renamed_and_checked_exactly_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vllm_modelopt_shim.verify as verify
+
+    calls: list[str] = []
+    original = verify.check_tensor
+
+    def counting(ledger: Ledger, name: str, parsed: object) -> CheckpointError | None:
+        calls.append(name)
+        return original(ledger, name, parsed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify, "check_tensor", counting)
     names = checkpoint()
     out, ledger = load(names)
     assert out == [canonical(n) for n, _ in names]
+    assert calls == [n for n, _ in names]  # every layer, not only the first
     assert ledger.complete_experts() == LAYERS * 4 and ledger.seen == len(names)
     assert ledger.renamed == LAYERS * 48 and ledger.layouts == {"legacy": LAYERS * 48}
-    # the fast table holds each expert-relative name once, learned in layer 0
-    assert len(ledger.fast) == 48 and "gate_proj.3.weight_scale_2" in ledger.fast
+
+
+def interleave(names: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """One tensor of each layer in turn: every tensor lands in another layer than the one before."""
+    by_layer: list[list[tuple[str, float]]] = [[] for _ in range(LAYERS)]
+    for n, v in names:
+        by_layer[int(n.split(".layers.")[1].split(".")[0])].append((n, v))
+    return [x for group in zip(*by_layer, strict=True) for x in group]
+
+
+def test_layers_interleaved_or_reversed_load_like_in_order() -> None:
+    names = checkpoint()
+    for order in (interleave(names), names[::-1]):
+        out, ledger = load(order)
+        assert out == [canonical(n) for n, _ in order]
+        assert ledger.complete_experts() == LAYERS * 4 and ledger.renamed == LAYERS * 48
+
+
+@pytest.mark.parametrize("calls", [1, 4, 10**9], ids=["one call", "4 buckets", "one tensor per call"])
+def test_a_checkpoint_split_over_calls_is_judged_tensor_by_tensor(calls: int) -> None:
+    """Weight updates: no call is refused for what it lacks; together they forward every tensor once."""
+    names = checkpoint()
+    size = max(1, -(-len(names) // calls))
+    out: list[str] = []
+    for start in range(0, len(names), size):
+        ledger = Ledger(MODELOPT, 4)
+        out += [n for n, _ in rewrite(names[start : start + size], ledger, scalar=float)]
+        assert check_complete(ledger, full=False) == []
+    assert out == [canonical(n) for n, _ in names]
+
+
+def test_an_update_is_refused_for_a_bad_tensor_it_holds() -> None:
+    bad = f"{prefix(1)}.up_proj.1.input_scale"
+    for value in (0.0, -1.0, math.inf):
+        ledger = Ledger(MODELOPT, 4)
+        list(rewrite([(bad, value)], ledger, scalar=float))
+        (problem,) = check_complete(ledger, full=False)
+        assert isinstance(problem, UnusableScaleError) and problem.name == bad
+    with pytest.raises(ExpertIndexError):
+        list(rewrite([(f"{prefix(0)}.gate_proj.9.weight", 1.0)], Ledger(MODELOPT, 4), scalar=float))
+    ledger = Ledger(MODELOPT, 4)
+    list(rewrite([(bad, math.nan)], ledger, scalar=float))  # vLLM's sparse patches mark "unchanged" with NaN
+    assert check_complete(ledger, full=False) == []
+
+
+def test_an_expert_parallel_rank_is_judged_on_its_own_experts() -> None:
+    names = [
+        (n, v) for n, v in checkpoint() if not (n.endswith(".weight") and ".proj.3." in n.replace("_proj", ".proj"))
+    ]
+    ledger = Ledger(MODELOPT, 4)
+    list(rewrite(names, ledger, scalar=float))
+    assert [type(p) for p in check_complete(ledger)] == [MissingTensorError]
+    assert check_complete(ledger, experts={0, 1, 2}) == []
 
 
 def damage(kind: str, layer: int) -> tuple[list[tuple[str, float]], str]:
@@ -198,45 +260,9 @@ def test_a_scale_that_is_not_one_value_is_refused_by_name_not_crashed_on(layer: 
     assert "nan" in str(problems[0])
 
 
-def test_the_time_spent_is_estimated_within_the_wall_time_of_the_stream() -> None:
-    """Fast-path tensors are timed on samples: the estimate is never zero, never beyond the whole."""
+def test_the_time_spent_is_measured_within_the_wall_time_of_the_stream() -> None:
     ledger = Ledger(MODELOPT, 64)
     started = time.perf_counter()
     for _ in rewrite(checkpoint(experts=64), ledger, scalar=float):
         pass
     assert 0.0 < ledger.seconds <= time.perf_counter() - started
-
-
-ALL_SLOTS = {(p, s) for p in ("down_proj", "gate_proj", "up_proj") for s in ("input_scale", "weight_scale_2")}
-
-
-@pytest.mark.parametrize(
-    "handed", [ALL_SLOTS, set(), {("down_proj", "input_scale"), ("gate_proj", "weight_scale_2")}], ids=len
-)
-def test_the_first_layers_scales_decide_which_are_read_here(handed: set[tuple[str, str]]) -> None:
-    """``handover`` sees the first MoE layer, with its values read, once; the slots it names stop being read."""
-    reads: list[str] = []
-    asked: list[tuple[str, int]] = []
-
-    def handover(layer: Layer) -> set[tuple[str, str]]:
-        asked.append((layer.prefix, len(layer.scalars)))
-        return handed
-
-    ledger = Ledger(MODELOPT, 4)
-    names = checkpoint()
-    tagged = [(n, float(i)) for i, (n, _) in enumerate(names)]  # the value says which tensor was read
-
-    def read(value: float) -> float:
-        reads.append(tagged[int(value)][0])
-        return value
-
-    out = [n for n, _ in rewrite(tagged, ledger, scalar=read, handover=handover)]
-    assert asked == [(prefix(0), 4 * 3 * 2)]  # layer 0's 24 scales, before layer 1 is forwarded
-    assert len(out) == len(names) and ledger.handed == handed and ledger.deferred is bool(handed)
-    later = [n for n in reads if not n.startswith(prefix(0) + ".")]
-    # layer 1's first tensor (down_proj.0.input_scale) is read before the stream knows it left layer 0
-    first = f"{prefix(1)}.down_proj.0.input_scale"
-    assert all(n == first or (n.split(".")[-3], n.split(".")[-1]) not in handed for n in later)
-    assert len(later) == 1 + (LAYERS - 1) * 4 * (6 - len(handed)) - (("down_proj", "input_scale") not in handed)
-    unread = list(ledger.unread(ledger.layers[prefix(1)]))
-    assert {(proj, suffix) for _, _, proj, suffix in unread} == handed
