@@ -1,4 +1,4 @@
-"""Command line: vllm-modelopt-shim doctor DIR [--json] | status  (or python -m vllm_modelopt_shim ...).
+"""Command line: vllm-modelopt-shim doctor DIR | status | convert SRC DST  (or python -m vllm_modelopt_shim ...).
 
 Exit status: 0 loadable (doctor) or printed (status); 1 cannot-load-correctly; 2 usage errors.
 """
@@ -115,9 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     doc.add_argument("dir", help="checkpoint directory (config.json, *.safetensors)")
     doc.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     sub.add_parser("status", help="what the shim does in this interpreter")
+    conv = sub.add_parser("convert", help="write a copy of a checkpoint that stock vLLM loads correctly")
+    conv.add_argument("src", help="checkpoint directory")
+    conv.add_argument("dst", help="new directory (must not exist, or be empty)")
+    conv.add_argument("--no-harmonize", action="store_true", help="every tensor byte-exact (no torch needed)")
+    conv.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         return _doctor(args)
+    if args.command == "convert":
+        from .convert import main_convert
+
+        return main_convert(args)
     print("\n".join(status_lines()))
     return 0
 

@@ -16,13 +16,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import configfix, verify
-from .errors import CheckpointError
+from . import configfix, shards, verify
+from .errors import CheckpointError, DamagedShardError
 from .ledger import Ledger
 from .names import COMPRESSED, MODELOPT, UNQUANTIZED, family_of
 from .stream import rewrite
 
-__all__ = ["CANNOT", "NEEDS_SHIM", "STOCK", "Diagnosis", "diagnose", "read_headers"]
+__all__ = ["CANNOT", "NEEDS_SHIM", "STOCK", "Diagnosis", "diagnose", "read_headers", "shard_paths"]
 
 CANNOT = "cannot-load-correctly"
 NEEDS_SHIM = "needs-shim"
@@ -67,11 +67,14 @@ class Diagnosis:
         if self.mismatched_experts:
             return (
                 f"stock vLLM loads it, but dequantizes up_proj of {self.mismatched_experts} experts with gate's "
-                "scale: serve it with the shim (it harmonizes them) for accurate weights"
+                "scale: for accurate weights serve it with the shim, or write a harmonized copy with "
+                "`vllm-modelopt-shim convert`"
                 if self.verdict == STOCK
-                else "serve it with the shim (it renames the experts and harmonizes gate/up scales)"
+                else "serve it with the shim, or write a copy stock vLLM loads with `vllm-modelopt-shim convert`"
             )
-        return "stock vLLM loads it as it is" if self.verdict == STOCK else "serve it with the shim on PYTHONPATH"
+        if self.verdict == STOCK:
+            return "stock vLLM loads it as it is"
+        return "serve it with the shim, or write a copy stock vLLM loads with `vllm-modelopt-shim convert`"
 
     def as_dict(self) -> dict[str, Any]:
         ledger = self.ledger
@@ -113,26 +116,47 @@ def _quantization(config: Mapping[str, Any], hf_quant: Mapping[str, Any] | None)
     return f"{label} {algo}".strip(), family
 
 
-def read_headers(path: Path) -> tuple[list[Path], Iterator[tuple[str, tuple[Path, str, list[int], int]]]]:
-    """Shards in vLLM's order, and (name, (shard, dtype, shape, data offset)) in vLLM's order."""
+def shard_paths(path: Path) -> tuple[list[Path], list[CheckpointError]]:
+    """The shards in vLLM's order (the index's, else every *.safetensors); shards the index lists but lacks."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if not index.is_file():
+        return sorted(path.glob("*.safetensors")), []
+    try:
         weight_map = json.loads(index.read_text()).get("weight_map", {})
-        shards = sorted(path / f for f in set(weight_map.values()))
-    else:
-        shards = sorted(path.glob("*.safetensors"))
+    except ValueError as exc:
+        return [], [DamagedShardError(str(index), f"{index} is not valid JSON ({exc}): copy it again")]
+    listed = sorted(path / f for f in set(weight_map.values()))
+    missing: list[CheckpointError] = [
+        DamagedShardError(str(p), f"{p} is listed in {index.name} but missing: copy every shard of the export")
+        for p in listed
+        if not p.is_file()
+    ]
+    return [p for p in listed if p.is_file()], missing
+
+
+def read_headers(
+    path: Path, problems: list[CheckpointError]
+) -> tuple[list[shards.Shard], Iterator[tuple[str, tuple[Path, str, list[int], int]]]]:
+    """Checked shards in vLLM's order, and (name, (shard, dtype, shape, data offset)) in vLLM's order.
+
+    A damaged or missing shard is added to ``problems`` (naming the file) and skipped.
+    """
+    paths, missing = shard_paths(path)
+    problems.extend(missing)
+    good = []
+    for p in paths:
+        try:
+            good.append(shards.read(p))
+        except DamagedShardError as exc:
+            problems.append(exc)
 
     def entries() -> Iterator[tuple[str, tuple[Path, str, list[int], int]]]:
-        for shard in shards:
-            with open(shard, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
-            base = 8 + size
-            for name in sorted(k for k in header if k != "__metadata__"):
-                meta = header[name]
-                yield name, (shard, meta["dtype"], meta["shape"], base + meta["data_offsets"][0])
+        for shard in good:
+            for name in sorted(shard.entries):
+                e = shard.entries[name]
+                yield name, (shard.path, e.dtype, e.shape, shard.data_start + e.start)
 
-    return shards, entries()
+    return good, entries()
 
 
 class _Scalars:
@@ -178,9 +202,9 @@ def diagnose(path: str | os.PathLike[str]) -> Diagnosis:
     d.config_fixes = [f.describe() for f in fills]
     d.problems.extend(conflicts)
 
-    shards, entries = read_headers(root)
-    d.shards = len(shards)
-    if not shards:
+    good, entries = read_headers(root, d.problems)
+    d.shards = len(good) + sum(isinstance(p, DamagedShardError) for p in d.problems)
+    if not d.shards:
         raise ValueError(f"no *.safetensors in {root}")
     ledger = d.ledger = Ledger(d.family, d.num_experts)
     scalars = _Scalars()

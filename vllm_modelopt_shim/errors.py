@@ -15,6 +15,7 @@ __all__ = [
     "UnsupportedTensorError",
     "UnusableScaleError",
     "ConfigConflictError",
+    "DamagedShardError",
 ]
 
 
@@ -52,3 +53,7 @@ class UnusableScaleError(CheckpointError):
 
 class ConfigConflictError(CheckpointError):
     """config.json spells one setting both ways (transformers 4 and 5) with different values."""
+
+
+class DamagedShardError(CheckpointError):
+    """A safetensors file that safetensors itself would refuse (``name`` is the file)."""

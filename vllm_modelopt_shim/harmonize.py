@@ -134,11 +134,24 @@ def fold_many(
     reports those).  The reported error is that of the block scales (each block counted once).
     """
     out: list[Folded | None] = [None] * len(gates)
-    todo = [
-        i
-        for i in range(len(gates))
-        if g[i] != u[i] and all(math.isfinite(x) and x > 0 for x in (g[i], u[i])) and gates[i].shape == ups[i].shape
-    ]
+    groups: dict[tuple[int, ...], list[int]] = {}  # one stack per shape (layers may differ)
+    for i in range(len(gates)):
+        if g[i] != u[i] and all(math.isfinite(x) and x > 0 for x in (g[i], u[i])) and gates[i].shape == ups[i].shape:
+            groups.setdefault(tuple(gates[i].shape), []).append(i)
+    for todo in groups.values():
+        _fold_group(todo, gates, ups, g, u, reciprocal, out)
+    return out
+
+
+def _fold_group(
+    todo: list[int],
+    gates: list[torch.Tensor],
+    ups: list[torch.Tensor],
+    g: list[float],
+    u: list[float],
+    reciprocal: bool,
+    out: list[Folded | None],
+) -> None:
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start : start + CHUNK]
         up = torch.stack([ups[i] for i in chunk])
@@ -165,7 +178,6 @@ def fold_many(
             before = abs(gv[k] - uv[k]) / uv[k]
             gate = new_gates.get(k, gates[i])
             out[i] = Folded(gate, new_up[k], stored, shifts[k], before, max(err_gate[k], err_up[k]))
-    return out
 
 
 Pieces = dict[tuple[str, str], tuple[str, torch.Tensor, float]]  # (proj, kind) -> (vLLM name, copy, value)
@@ -176,9 +188,10 @@ class Folder:
 
     ``take`` receives each gate/up block or global scale of an expert (vLLM name, tensor, value)
     and returns what to forward now.  Pieces wait (as copies) until their expert's four are in;
-    complete experts of a layer are folded together, in one batch, when the stream moves on to
-    another layer's pieces or the call ends.  ``flush`` (end of a call) also forwards the pieces
-    of incomplete experts, as they are, and keeps them waiting for a later call.  At most
+    complete experts are folded together, ``CHUNK`` at a time (and whatever is left when the call
+    ends), so per-expert torch calls never dominate and the order of layers does not matter.
+    ``flush`` (end of a call) also forwards the pieces of incomplete experts, as they are, and
+    keeps them waiting for a later call.  At most
     ``limit`` bytes wait (one MoE layer's gate and up block scales, from the first one seen);
     past that the oldest incomplete expert is let go as it is.  An internal error turns the
     folder off: everything waiting, and every later piece, passes as the checkpoint holds it.
@@ -189,8 +202,7 @@ class Folder:
         self.num_experts = num_experts or 256
         self.waiting: dict[tuple[str, int], Pieces] = {}
         self.sent: dict[tuple[str, int], set[tuple[str, str]]] = {}  # pieces of waiting experts already forwarded
-        self.ready: list[tuple[tuple[str, int], Pieces]] = []  # complete, not yet folded (one layer's at most)
-        self.layer: str | None = None  # the prefix of the pieces last taken
+        self.ready: list[tuple[tuple[str, int], Pieces]] = []  # complete, not yet folded (< CHUNK)
         #: expert -> (gate, up global scale as stored, shift, common scale as stored) of its last fold
         self.decided: dict[tuple[str, int], tuple[float, float, int, float]] = {}
         self.gone: set[tuple[str, int]] = set()  # let go over the bound: their pieces pass as they are
@@ -213,8 +225,7 @@ class Folder:
         if self.error is not None or key in self.gone or not self._fits(kind, tensor):
             return [(name, tensor)]
         try:
-            out = self._fold_ready() if prefix != self.layer else []
-            self.layer = prefix
+            out: list[tuple[str, Any]] = []
             if value is None:
                 value = float(tensor.reshape(-1)[0])
             pieces = self.waiting.setdefault(key, {})
@@ -230,6 +241,8 @@ class Folder:
             if len(pieces) == len(_PIECES):
                 self.ready.append((key, self.waiting.pop(key)))
                 self.sent.pop(key, None)
+                if len(self.ready) >= CHUNK:
+                    out.extend(self._fold_ready())
             if self.limit is not None and self.bytes > self.limit:
                 out.extend(self._fold_ready())
                 while self.bytes > self.limit and len(self.waiting) > 1:
@@ -269,7 +282,6 @@ class Folder:
         self.waiting.clear()
         self.sent.clear()
         self.ready.clear()
-        self.layer = None
         self.bytes = 0
 
     @staticmethod

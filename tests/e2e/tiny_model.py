@@ -120,13 +120,19 @@ def write_extras(path: Path, tokenizer: str) -> None:
 
 
 def write(root: Path) -> dict[str, Path]:
-    """root/legacy and root/canonical: the same NVFP4 tensors under the two expert spellings."""
+    """root/legacy and root/canonical: the same NVFP4 tensors under the two expert spellings; and
+    root/legacy-mismatch: legacy, with up_proj of odd experts 30% larger than gate (gate/up global
+    scales far apart, where harmonization shows)."""
     tokenizer = tokenizer_json()
     out = {}
-    for layout in ("legacy", "canonical"):
-        path = checkpoints.write(root / layout, family="modelopt", layout=layout, seed=SEED)
+    for layout, name, mismatch in (
+        ("legacy", "legacy", 1.0),
+        ("canonical", "canonical", 1.0),
+        ("legacy", "legacy-mismatch", 1.3),
+    ):
+        path = checkpoints.write(root / name, family="modelopt", layout=layout, seed=SEED, up_mismatch=mismatch)
         write_extras(path, tokenizer)
-        out[layout] = path
+        out[name] = path
     return out
 
 

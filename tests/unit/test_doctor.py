@@ -97,7 +97,7 @@ def test_gate_up_scale_mismatch_is_a_warning_with_the_worst_ratio(tmp_path: Path
     assert d.worst_scale_ratio == pytest.approx(1.2, rel=1e-6)
     assert "1.200" in d.warnings[0] and "VLLM_MODELOPT_SHIM_HARMONIZE" in d.warnings[0]
     # the verdict carries its advice, so "loads with stock vLLM" does not read as "nothing to do"
-    assert "serve it with the shim" in d.advice and "2 experts" in d.advice
+    assert "serve it with the shim" in d.advice and "2 experts" in d.advice and "convert" in d.advice
     verdict = render(d).splitlines()[1].split()
     assert verdict[:5] == ["verdict", f"{STOCK}:", "stock", "vLLM", "loads"]
 
@@ -179,3 +179,67 @@ def test_pure_modules_import_neither_torch_nor_vllm() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def _damage(path: Path, kind: str) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    if kind == "header length 2**62":
+        path.write_bytes(struct.pack("<Q", 2**62) + raw[8:])
+    elif kind == "non-JSON header":
+        path.write_bytes(raw[:8] + b"{" + b"x" * (n - 1) + raw[8 + n :])
+    elif kind == "truncated header":
+        path.write_bytes(raw[: 8 + n // 2])
+    elif kind == "truncated data":
+        path.write_bytes(raw[:-10])
+    elif kind == "offsets past the end":
+        header = json.loads(raw[8 : 8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        start = header[name]["data_offsets"][0]
+        header[name]["data_offsets"] = [start + 10**15, start + 10**15 + header[name]["data_offsets"][1] - start]
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    else:
+        raise AssertionError(kind)
+
+
+DAMAGE = ["header length 2**62", "non-JSON header", "truncated header", "truncated data", "offsets past the end"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_shard_is_a_problem_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """Read as safetensors itself checks a file: exit 1 (cannot load correctly), no traceback, bounded memory."""
+    shard = checkpoint(tmp_path) / "model.safetensors"
+    _damage(shard, kind)
+    assert main(["doctor", str(tmp_path), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["verdict"] == CANNOT and data["problem_tensors"] == [str(shard)], data
+    assert "not a valid safetensors file" in data["problems"][0]
+
+
+def test_a_shard_listed_in_the_index_but_missing_is_a_problem(tmp_path: Path) -> None:
+    def split(ts: dict[str, Any]) -> list[dict[str, Any]]:
+        names = sorted(ts)
+        return [{n: ts[n] for n in names[: len(names) // 2]}, {n: ts[n] for n in names[len(names) // 2 :]}]
+
+    checkpoint(tmp_path, shards=split)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    d = diagnose(tmp_path)
+    assert d.verdict == CANNOT and str(tmp_path / "model-00002-of-00002.safetensors") in [p.name for p in d.problems]
+
+
+def test_headers_written_by_the_shim_read_back_identically(tmp_path: Path) -> None:
+    from vllm_modelopt_shim import shards
+
+    shard = checkpoint(tmp_path) / "model.safetensors"
+    first = shards.read(shard)
+    raw = shard.read_bytes()
+    again = tmp_path / "again.safetensors"
+    entries = [first.entries[n] for n in sorted(first.entries, key=lambda n: first.entries[n].start)]
+    again.write_bytes(shards.header_bytes(entries, first.metadata) + raw[first.data_start :])
+    second = shards.read(again)
+    assert {n: e.as_json() for n, e in second.entries.items()} == {n: e.as_json() for n, e in first.entries.items()}
+    assert second.metadata == first.metadata and (second.data_start - 8) % 8 == 0

@@ -1,0 +1,159 @@
+"""The benchmark's measurements, each in a fresh interpreter of the vLLM venv (bench/run.py starts them).
+
+    python bench/worker.py write NAME DIR     # a workload (bench/workloads.py) into DIR
+    python bench/worker.py load CKPT          # build the model untimed, time loader.load_weights alone
+    python bench/worker.py fold CKPT          # fold one real-size MoE layer's gate/up scales, as the stream does
+    python bench/worker.py stream CKPT        # the shim's stream alone: layers in order, interleaved, reversed
+
+Each prints one line ``BENCH-RESULT {json}``.  PYTHONPATH alone decides whether the shim is armed.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import workloads  # noqa: E402
+
+MARK = "BENCH-RESULT "
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def load(ckpt: str) -> dict[str, Any]:
+    sys.path.insert(0, str(workloads.TESTS))  # the harness, not the checkout: PYTHONPATH decides the shim
+    import harness
+    import torch
+    from vllm.config import set_current_vllm_config
+
+    model, loader, vllm_config = harness.build(ckpt)
+    patch = sys.modules.get("vllm_modelopt_shim.patch")
+    shim = patch is not None and patch.is_applied()
+    with set_current_vllm_config(vllm_config):
+        started, cpu = time.perf_counter(), time.process_time()
+        loader.load_weights(model, vllm_config.model_config)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    result: dict[str, Any] = {
+        "ckpt": ckpt,
+        "shim": shim,
+        "load_s": elapsed,
+        "load_cpu_s": cpu,
+        "maxrss_mib": _peak_mib(),
+        "vllm": version("vllm"),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    if shim:
+        ledger = patch.last_ledger()  # type: ignore[union-attr]
+        result.update(shim_s=ledger.seconds, seen=ledger.seen, renamed=ledger.renamed, refused=len(ledger.refused))
+    return result
+
+
+def _tensors(ckpt: str) -> list[tuple[str, Any]]:
+    from safetensors import safe_open
+
+    out = []
+    for shard in sorted(Path(ckpt).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out += [(name, f.get_tensor(name)) for name in f.keys()]  # noqa: SIM118
+    return out
+
+
+def fold(ckpt: str, runs: int = 5) -> dict[str, Any]:
+    """Seconds to fold one real-size MoE layer (all 128 experts, scales apart in each), and its extra peak RSS."""
+    import torch
+
+    from vllm_modelopt_shim.harmonize import CHUNK, fold_many
+
+    layer = "model.language_model.layers.0.mlp.experts"
+    ts = dict(t for t in _tensors(ckpt) if t[0].startswith(layer + "."))
+    experts = sorted({int(n.split(".")[-2]) for n in ts})
+    piece = lambda proj, e, s: ts[f"{layer}.{proj}.{e}.{s}"]  # noqa: E731
+    gates = [piece("gate_proj", e, "weight_scale") for e in experts]
+    ups = [piece("up_proj", e, "weight_scale") for e in experts]
+    g = [piece("gate_proj", e, "weight_scale_2").item() for e in experts]
+    u = [piece("up_proj", e, "weight_scale_2").item() for e in experts]
+    before = _peak_mib()
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        for start in range(0, len(experts), CHUNK):  # as the Folder calls it
+            sl = slice(start, start + CHUNK)
+            out = fold_many(gates[sl], ups[sl], g[sl], u[sl], reciprocal=False)
+        seconds.append(time.perf_counter() - started)
+        del out
+    folded = fold_many(gates, ups, g, u, reciprocal=False)
+    return {
+        "experts": len(experts),
+        "changed": sum(f is not None for f in folded),
+        "shifted": sum(f is not None and f.shift > 0 for f in folded),
+        "block_scales_shape": list(gates[0].shape),
+        "seconds": [round(s, 4) for s in seconds],
+        "median_s": statistics.median(seconds),
+        "extra_peak_mib": _peak_mib() - before,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def stream(ckpt: str, reps: int = 3) -> dict[str, Any]:
+    """The shim's stream over the census tensors (held in memory), default settings, three orders."""
+    import torch
+
+    from vllm_modelopt_shim.harmonize import Folder
+    from vllm_modelopt_shim.ledger import Ledger
+    from vllm_modelopt_shim.names import MODELOPT
+    from vllm_modelopt_shim.stream import rewrite
+
+    ts = _tensors(ckpt)
+    by_layer: dict[str, list[tuple[str, Any]]] = {}
+    for name, t in ts:
+        key = name.split(".mlp.")[0] if ".layers." in name else ""
+        by_layer.setdefault(key, []).append((name, t))
+    groups = list(by_layer.values())
+    interleaved = [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
+    orders = {"ordered": ts, "interleaved": interleaved, "reversed": ts[::-1]}
+    seconds: dict[str, list[float]] = {k: [] for k in orders}
+    harmonized: dict[str, int] = {}
+    for _ in range(reps):
+        for key, order in orders.items():
+            ledger, folder = Ledger(MODELOPT, 128), Folder(reciprocal=False, num_experts=128)
+            started = time.perf_counter()
+            for _name, _t in rewrite(order, ledger, scalar=torch.Tensor.item, fold=folder, final=True):
+                pass
+            seconds[key].append(time.perf_counter() - started)
+            harmonized[key] = folder.result.harmonized
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    return {
+        "tensors": len(ts),
+        "seconds": {k: [round(s, 4) for s in v] for k, v in seconds.items()},
+        "median_s": med,
+        "harmonized": harmonized,
+        "interleaved_ratio": med["interleaved"] / med["ordered"],
+        "reversed_ratio": med["reversed"] / med["ordered"],
+    }
+
+
+def main(argv: list[str]) -> int:
+    kind, rest = argv[0], argv[1:]
+    if kind == "write":
+        result = workloads.write(rest[0], Path(rest[1]))
+    elif kind in ("load", "fold", "stream"):
+        result = {"load": load, "fold": fold, "stream": stream}[kind](rest[0])
+    else:
+        raise SystemExit(f"unknown measurement {kind!r}")
+    print(MARK + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
