@@ -73,7 +73,7 @@ def fold(ckpt: str, runs: int = 5) -> dict[str, Any]:
     """Seconds to fold one real-size MoE layer (all 128 experts, scales apart in each), and its extra peak RSS."""
     import torch
 
-    from vllm_modelopt_shim.harmonize import CHUNK, fold_many
+    from vllm_modelopt_shim.harmonize import fold as fold_one
 
     layer = "model.language_model.layers.0.mlp.experts"
     ts = dict(t for t in _tensors(ckpt) if t[0].startswith(layer + "."))
@@ -87,12 +87,8 @@ def fold(ckpt: str, runs: int = 5) -> dict[str, Any]:
     seconds = []
     for _ in range(runs):
         started = time.perf_counter()
-        for start in range(0, len(experts), CHUNK):  # as the Folder calls it
-            sl = slice(start, start + CHUNK)
-            out = fold_many(gates[sl], ups[sl], g[sl], u[sl], reciprocal=False)
+        folded = [fold_one(gates[e], ups[e], g[e], u[e], reciprocal=False) for e in range(len(experts))]
         seconds.append(time.perf_counter() - started)
-        del out
-    folded = fold_many(gates, ups, g, u, reciprocal=False)
     return {
         "experts": len(experts),
         "changed": sum(f is not None for f in folded),

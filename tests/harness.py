@@ -18,7 +18,7 @@ wrote is visible afterwards.
 vLLM's full load), ``N`` (the loader's own weight stream cut into N consecutive calls, as weight
 updates do; ``every`` for one tensor per call), optionally prefixed ``dummy+`` (vLLM's dummy loader
 first, as RL frameworks start).  ``HARNESS_BREAK`` (test-only): ``fold`` makes the shim's fold raise
-on the second MoE layer, to prove the load fails open.
+on the second expert, to prove the load fails open.
 """
 
 from __future__ import annotations
@@ -353,15 +353,15 @@ def load(model: Any, loader: Any, vllm_config: Any, calls: str) -> None:
 def _break_fold() -> None:
     import vllm_modelopt_shim.harmonize as harmonize
 
-    real, calls = harmonize.fold_many, []
+    real, calls = harmonize.fold, []
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        if len(calls) == 2:  # the second MoE layer's batch
+        if len(calls) == 2:  # the second expert
             raise RuntimeError("injected by HARNESS_BREAK=fold")
         return real(*args, **kwargs)
 
-    harmonize.fold_many = broken  # type: ignore[assignment]
+    harmonize.fold = broken  # type: ignore[assignment]
 
 
 def run_one(ckpt: str) -> dict[str, Any]:

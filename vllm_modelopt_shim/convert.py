@@ -214,7 +214,7 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
     """The fold of every expert, as byte patches: data offset -> new bytes, per shard (needs torch)."""
     import torch
 
-    from .harmonize import CHUNK, fold_many
+    from .harmonize import fold
 
     block, glob = "weight_scale", "weight_global_scale" if family == COMPRESSED else "weight_scale_2"
     where: dict[tuple[str, int, str, str], tuple[shards.Shard, shards.Entry]] = {}
@@ -244,26 +244,21 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
             continue
         experts.append(keys)
     patches: dict[Path, list[tuple[int, bytes]]] = {}
-    for start in range(0, len(experts), CHUNK):
-        chunk = experts[start : start + CHUNK]
-        tensors = [
-            [torch.frombuffer(bytearray(raw(k)), dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(where[k][1].shape)
-             for k in (keys[0], keys[2])] for keys in chunk
-        ]  # fmt: skip
-        values = [[struct.unpack("<f", raw(k))[0] for k in (keys[1], keys[3])] for keys in chunk]
-        folded = fold_many(
-            [t[0] for t in tensors], [t[1] for t in tensors], [v[0] for v in values], [v[1] for v in values],
-            reciprocal=family == COMPRESSED,
-        )  # fmt: skip
-        for keys, f in zip(chunk, folded, strict=True):
-            if f is None:
-                continue
-            result.harmonized += 1
-            common = struct.pack("<f", f.common)
-            gate, up = (t.contiguous().view(torch.uint8).numpy().tobytes() for t in (f.gate, f.up))
-            for key, data in zip(keys, (gate, common, up, common), strict=True):
-                shard, e = where[key]
-                patches.setdefault(shard.path, []).append((e.start, data))
+    for keys in experts:
+        gate, up = (
+            torch.frombuffer(bytearray(raw(k)), dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(where[k][1].shape)
+            for k in (keys[0], keys[2])
+        )
+        g, u = (struct.unpack("<f", raw(k))[0] for k in (keys[1], keys[3]))
+        f = fold(gate, up, g, u, reciprocal=family == COMPRESSED)
+        if f is None:
+            continue
+        result.harmonized += 1
+        common = struct.pack("<f", f.common)
+        new_gate, new_up = (t.contiguous().view(torch.uint8).numpy().tobytes() for t in (f.gate, f.up))
+        for key, data in zip(keys, (new_gate, common, new_up, common), strict=True):
+            shard, e = where[key]
+            patches.setdefault(shard.path, []).append((e.start, data))
     return patches
 
 

@@ -183,21 +183,21 @@ def test_an_internal_error_leaves_every_expert_whole(monkeypatch: pytest.MonkeyP
     """After a failing fold every expert is either fully folded or exactly as the checkpoint holds it."""
     import vllm_modelopt_shim.harmonize as harmonize
 
-    real = harmonize.fold_many
+    real = harmonize.fold
     seen = []
 
     def breaks(*args: Any, **kwargs: Any) -> Any:
         seen.append(1)
-        if len(seen) == 2:  # the second layer's batch
+        if len(seen) == 3:  # the third expert
             raise RuntimeError("injected")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(harmonize, "fold_many", breaks)
+    monkeypatch.setattr(harmonize, "fold", breaks)
     ts = layer_tensors()
     folder = Folder(reciprocal=False, num_experts=4)
     got = load([ts], folder, full=True)
     assert folder.error is not None and "injected" in folder.error
-    monkeypatch.setattr(harmonize, "fold_many", real)
+    monkeypatch.setattr(harmonize, "fold", real)
     raw = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
     good = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
     assert_whole(got, good, raw)
