@@ -5,7 +5,7 @@ each shard's header rewritten with canonical expert names, its data region copie
 harmonized gate/up scale bytes patched in place; ``config.json`` given the keys every release
 reads (values unchanged); every other file copied byte for byte.  Everything is written into a
 temporary sibling of DST and renamed at the end, so an interrupted convert leaves no DST.
-Without harmonization it needs neither torch nor vLLM.
+It never needs torch or vLLM; harmonizing needs numpy.
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def convert(
     d = doctor.diagnose(src)
     if harmonize and d.family in (MODELOPT, COMPRESSED):
         try:
-            import torch  # noqa: F401
+            import numpy  # noqa: F401
         except ImportError:
-            raise UsageError(str(src), "harmonizing needs torch: install it, or pass --no-harmonize") from None
+            raise UsageError(str(src), "harmonizing needs numpy: install it, or pass --no-harmonize") from None
     if d.verdict == doctor.CANNOT:
         result.verdict, result.problems = doctor.CANNOT, d.problems
         result.seconds = time.perf_counter() - started
@@ -100,7 +100,7 @@ def convert(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        good, _ = doctor.read_headers(src, [])
+        good = d.shards_read
         patches = _harmonize(good, d.family, result) if harmonize and d.family in (MODELOPT, COMPRESSED) else {}
         _write(src, tmp, good, d.family, patches, result, progress)
         if dst.exists():
@@ -211,10 +211,10 @@ def _write_config(path: Path, target: Path, result: Conversion) -> None:
 
 
 def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion) -> dict[Path, list[tuple[int, bytes]]]:
-    """The fold of every expert, as byte patches: data offset -> new bytes, per shard (needs torch)."""
-    import torch
+    """The fold of every expert, as byte patches: data offset -> new bytes, per shard (needs numpy)."""
+    import numpy as np
 
-    from .harmonize import fold
+    from .harmonize import fold_codes
 
     block, glob = "weight_scale", "weight_global_scale" if family == COMPRESSED else "weight_scale_2"
     where: dict[tuple[str, int, str, str], tuple[shards.Shard, shards.Entry]] = {}
@@ -245,17 +245,14 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
         experts.append(keys)
     patches: dict[Path, list[tuple[int, bytes]]] = {}
     for keys in experts:
-        gate, up = (
-            torch.frombuffer(bytearray(raw(k)), dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(where[k][1].shape)
-            for k in (keys[0], keys[2])
-        )
+        gate, up = (np.frombuffer(raw(k), dtype=np.uint8).reshape(where[k][1].shape) for k in (keys[0], keys[2]))
         g, u = (struct.unpack("<f", raw(k))[0] for k in (keys[1], keys[3]))
-        f = fold(gate, up, g, u, reciprocal=family == COMPRESSED)
+        f = fold_codes(gate, up, g, u, reciprocal=family == COMPRESSED)
         if f is None:
             continue
         result.harmonized += 1
         common = struct.pack("<f", f.common)
-        new_gate, new_up = (t.contiguous().view(torch.uint8).numpy().tobytes() for t in (f.gate, f.up))
+        new_gate, new_up = (np.ascontiguousarray(c).tobytes() for c in (f.gate, f.up))
         for key, data in zip(keys, (new_gate, common, new_up, common), strict=True):
             shard, e = where[key]
             patches.setdefault(shard.path, []).append((e.start, data))

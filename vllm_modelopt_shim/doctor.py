@@ -46,6 +46,7 @@ class Diagnosis:
         self.warnings: list[str] = []
         self.config_fixes: list[str] = []
         self.shards = 0
+        self.shards_read: list[shards.Shard] = []  # the checked headers, for convert
         self.worst_scale_ratio = 1.0
         self.mismatched_experts = 0
 
@@ -203,6 +204,7 @@ def diagnose(path: str | os.PathLike[str]) -> Diagnosis:
     d.problems.extend(conflicts)
 
     good, entries = read_headers(root, d.problems)
+    d.shards_read = good
     d.shards = len(good) + sum(isinstance(p, DamagedShardError) for p in d.problems)
     if not d.shards:
         raise ValueError(f"no *.safetensors in {root}")

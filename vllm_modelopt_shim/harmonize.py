@@ -25,9 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
-__all__ = ["FP8_MAX", "Folder", "Result", "fold"]
+__all__ = ["FP8_MAX", "Folder", "Result", "fold", "fold_codes"]
 
 FP8_MAX = 448.0
 #: the four pieces of one expert the fold needs: (projection, kind)
@@ -55,13 +53,12 @@ class Result:
 
 
 class Folded:
-    """One expert's folded w13 scales: new block scales per half and the common global scale as stored."""
+    """One expert's folded w13 scales: new block scales per half (codes, or tensors from ``fold``) and the
+    common global scale as stored."""
 
     __slots__ = ("after", "before", "common", "gate", "shift", "up")
 
-    def __init__(
-        self, gate: torch.Tensor, up: torch.Tensor, common: float, shift: int, before: float, after: float
-    ) -> None:
+    def __init__(self, gate: Any, up: Any, common: float, shift: int, before: float, after: float) -> None:
         self.gate, self.up, self.common, self.shift = gate, up, common, shift
         self.before, self.after = before, after
 
@@ -70,51 +67,77 @@ _VALUES: list[Any] = []
 
 
 def _values() -> Any:
-    """fp8 e4m3 code (0..255) -> its value, as a float64 numpy array (NaN for the two NaN codes)."""
+    """fp8 e4m3fn code (0..255) -> its value, float64 numpy (NaN for 0x7F and 0xFF)."""
     if not _VALUES:
-        _VALUES.append(torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double().numpy())
+        import numpy as np
+
+        code = np.arange(256)
+        sign = np.where(code & 0x80, -1.0, 1.0)
+        exp, man = (code >> 3) & 0xF, code & 7
+        mag = np.where(exp == 0, man / 8 * 2.0**-6, (1 + man / 8) * 2.0 ** (exp - 7.0))
+        _VALUES.append(np.where((exp == 15) & (man == 7), np.nan, sign * mag))
     return _VALUES[0]
 
 
-def _rescale(scales: torch.Tensor, ratio: float) -> tuple[torch.Tensor, float]:
-    """fp8 ``scales`` times ``ratio``, rounded to fp8 (at most 448); and the relative L2 error of that rounding.
+def _encode(x: Any) -> Any:
+    """float64 values (finite, |x| <= 448, or NaN) -> the nearest fp8 e4m3fn codes, ties to even, as uint8."""
+    import numpy as np
+
+    ladder = _values()[:127]  # codes 0..126: every finite non-negative value, ascending
+    mag = np.abs(np.nan_to_num(x))
+    hi = np.clip(np.searchsorted(ladder, mag), 1, 126)
+    lo = hi - 1
+    down, up = mag - ladder[lo], ladder[hi] - mag
+    code = np.where((down < up) | ((down == up) & (lo % 2 == 0)), lo, hi)
+    code = np.where(mag <= 0, 0, code) | np.where(np.signbit(x), 0x80, 0)
+    return np.where(np.isnan(x), 0x7F | np.where(np.signbit(x), 0x80, 0), code).astype(np.uint8)
+
+
+def _rescale(codes: Any, ratio: float, *, exact_if_normal: int = 0) -> tuple[Any, float]:
+    """fp8 codes (uint8 numpy) times ``ratio``, rounded to fp8 (at most 448); and the relative L2 error.
 
     An fp8 tensor holds one of 256 values per byte, so both go through 256-entry tables: one
-    histogram and one gather over the bytes, in numpy (single-threaded, zero-copy on uint8; torch's
+    histogram and one gather over the bytes, in numpy (single-threaded and zero-copy: torch's
     multi-threaded kernels on small tensors cost ten times more inside a busy vLLM process).
+    ``exact_if_normal=k`` (``ratio`` is 2**-k): when every code stays a normal number the rounding
+    is exact and the histogram is skipped.
     """
     import numpy as np
 
-    device = scales.device
-    codes = scales.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
     values = _values()
     exact = values * ratio
-    table = torch.from_numpy(np.minimum(exact, FP8_MAX)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-    counts = np.bincount(codes, minlength=256)
+    table = _encode(np.minimum(exact, FP8_MAX))
+    table[0x7F], table[0xFF] = 0x7F, 0xFF  # NaN stays the NaN it was
+    out = np.take(table, codes)
+    if exact_if_normal and codes.size and int(codes.max()) < 0x80:  # non-negative, as block scales are
+        low = int(codes.min())
+        if low == 0:  # zero stays zero: the smallest non-zero code decides
+            nonzero = codes[codes != 0]
+            low = int(nonzero.min()) if nonzero.size else 0x7F
+        if low >> 3 > exact_if_normal:
+            return out, 0.0  # every exponent stays >= 1: a power-of-two shift is exact
+    counts = np.bincount(codes.reshape(-1), minlength=256)
     finite = np.isfinite(values)
     diff = np.where(finite, values[table] - exact, 0.0)
     norm = float((counts * np.where(finite, exact * exact, 0.0)).sum())
-    err = math.sqrt(float((counts * diff * diff).sum()) / norm) if norm > 0 else 0.0
-    out = torch.from_numpy(table[codes]).view(torch.float8_e4m3fn).reshape(scales.shape)
-    return (out if device.type == "cpu" else out.to(device)), err
+    return out, (math.sqrt(float((counts * diff * diff).sum()) / norm) if norm > 0 else 0.0)
 
 
-def _largest(scales: torch.Tensor) -> float:
-    """The largest finite value of an fp8 tensor (block scales are >= 0: their codes are ordered as values)."""
+def _largest(codes: Any) -> float:
+    """The largest finite value among fp8 codes (block scales are >= 0: their codes are ordered as values)."""
     import numpy as np
 
-    codes = scales.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
     top = int(codes.max()) if codes.size else 0
     values = _values()
     if top < 0x7F:
         return float(values[top])
-    present = values[np.bincount(codes, minlength=256) > 0]
+    present = values[np.bincount(codes.reshape(-1), minlength=256) > 0]
     present = present[np.isfinite(present)]
     return float(present.max()) if present.size else 0.0
 
 
-def fold(gate: torch.Tensor, up: torch.Tensor, g_stored: float, u_stored: float, *, reciprocal: bool) -> Folded | None:
-    """Fold one expert: ``gate``/``up`` fp8 block scales [I, K/16], their global scales as stored.
+def fold_codes(gate: Any, up: Any, g_stored: float, u_stored: float, *, reciprocal: bool) -> Folded | None:
+    """Fold one expert given its block scales as fp8 codes (uint8 numpy arrays of one shape).
 
     ``reciprocal`` for compressed-tensors, whose global scale divides.  None when nothing is to be
     done: equal global scales, scales that are not one finite value > 0 (verify reports those), or
@@ -130,11 +153,36 @@ def fold(gate: torch.Tensor, up: torch.Tensor, g_stored: float, u_stored: float,
         shift += 1
     stored = g_stored / 2.0**shift if reciprocal else g_stored * 2.0**shift  # exact: a power of two
     new_up, err_up = _rescale(up, u / (g * 2.0**shift))
-    new_gate, err_gate = _rescale(gate, 2.0**-shift) if shift else (gate, 0.0)
+    new_gate, err_gate = _rescale(gate, 2.0**-shift, exact_if_normal=shift) if shift else (gate, 0.0)
     return Folded(new_gate, new_up, stored, shift, abs(g - u) / u, max(err_gate, err_up))
 
 
-Pieces = dict[tuple[str, str], tuple[str, torch.Tensor, float]]  # (proj, kind) -> (vLLM name, copy, value)
+def _codes(t: Any) -> Any:
+    return t.detach().cpu().contiguous().view(_torch().uint8).numpy()
+
+
+def _tensor(codes: Any, like: Any) -> Any:
+    torch = _torch()
+    out = torch.from_numpy(codes).view(torch.float8_e4m3fn).reshape(like.shape)
+    return out if like.device.type == "cpu" else out.to(like.device)
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def fold(gate: Any, up: Any, g_stored: float, u_stored: float, *, reciprocal: bool) -> Folded | None:
+    """``fold_codes`` on torch fp8 tensors [I, K/16]: the new block scales come back as tensors."""
+    f = fold_codes(_codes(gate), _codes(up), g_stored, u_stored, reciprocal=reciprocal)
+    if f is not None:
+        f.gate = gate if f.shift == 0 else _tensor(f.gate, gate)
+        f.up = _tensor(f.up, up)
+    return f
+
+
+Pieces = dict[tuple[str, str], tuple[str, Any, float]]  # (proj, kind) -> (vLLM name, copy, value)
 _ORDER = (("gate_proj", "block"), ("gate_proj", "global"), ("up_proj", "block"), ("up_proj", "global"))
 
 
@@ -231,23 +279,26 @@ class Folder:
 
     @staticmethod
     def _fits(kind: str, tensor: Any) -> bool:
+        torch = _torch()
         if not isinstance(tensor, torch.Tensor):
             return False
         if kind == "block":
             return bool(tensor.dtype == torch.float8_e4m3fn and tensor.dim() == 2)
         return bool(tensor.numel() == 1 and tensor.dtype.is_floating_point)
 
-    def _as_decided(self, key: tuple[str, int], piece: tuple[str, str], copy: torch.Tensor, value: float) -> Any:
+    def _as_decided(self, key: tuple[str, int], piece: tuple[str, str], copy: Any, value: float) -> Any:
         decided = self.decided.get(key)
         if decided is None:
             return copy
         g_stored, u_stored, shift, common = decided
         proj, kind = piece
         if kind == "global":
-            return torch.full_like(copy, common) if value == (g_stored if proj == "gate_proj" else u_stored) else copy
+            same = value == (g_stored if proj == "gate_proj" else u_stored)
+            return _torch().full_like(copy, common) if same else copy
         if proj == "gate_proj":
-            return _rescale(copy, 2.0**-shift)[0] if shift else copy
-        return _rescale(copy, (common / u_stored) if self.reciprocal else (u_stored / common))[0]  # up / c
+            return _tensor(_rescale(_codes(copy), 2.0**-shift)[0], copy) if shift else copy
+        ratio = (common / u_stored) if self.reciprocal else (u_stored / common)  # up / c
+        return _tensor(_rescale(_codes(copy), ratio)[0], copy)
 
     def _let_go(self, key: tuple[str, int]) -> list[tuple[str, Any]]:
         pieces = self.waiting.pop(key)
@@ -266,8 +317,7 @@ class Folder:
         g, u = pieces["gate_proj", "global"][2], pieces["up_proj", "global"][2]
         raw = [(gate_name, gate), (g_name, g_t), (up_name, up), (u_name, u_t)]
         try:
-            with torch.no_grad():
-                f = fold(gate, up, g, u, reciprocal=self.reciprocal)
+            f = fold(gate, up, g, u, reciprocal=self.reciprocal)
         except Exception as exc:
             return self._fail(exc, raw)
         result = self.result
@@ -279,6 +329,7 @@ class Folder:
         result.worst_before = max(result.worst_before, f.before)
         result.worst_after = max(result.worst_after, f.after)
         self.decided[key] = (g, u, f.shift, f.common)
+        torch = _torch()
         common_g, common_u = torch.full_like(g_t, f.common), torch.full_like(u_t, f.common)
         return [(gate_name, f.gate), (g_name, common_g), (up_name, f.up), (u_name, common_u)]
 

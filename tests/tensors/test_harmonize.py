@@ -223,3 +223,39 @@ def test_random_splits_and_orders_within_a_layer_agree() -> None:
         cuts = sorted(rng.sample(range(1, len(ts)), 5))
         calls = [ts[a:b] for a, b in zip([0, *cuts], [*cuts, len(ts)], strict=True)]
         assert load(calls, Folder(reciprocal=False, num_experts=4)) == one
+
+
+def test_every_tensor_the_fold_does_not_change_reaches_vllm_as_the_very_object_read() -> None:
+    """No copies on the way: byte-exact mode forwards each tensor itself; harmonizing, all but the fold's pieces."""
+    ts = layer_tensors()
+    ids = dict(ts)
+    for folder in (None, Folder(reciprocal=False, num_experts=4)):
+        out = list(rewrite(ts, Ledger(MODELOPT, 4), scalar=torch.Tensor.item, fold=folder, final=True))
+        assert len(out) == len(ts)
+        by_source = {canonical(n): t for n, t in ids.items()}
+        same = [n for n, t in out if t is by_source[n]]
+        folded = (
+            "gate_proj.weight_scale",
+            "up_proj.weight_scale",
+            "gate_proj.weight_scale_2",
+            "up_proj.weight_scale_2",
+        )
+        pieces = [n for n, _ in out if n.endswith(folded)]
+        assert len(same) == len(ts) - (0 if folder is None else len(pieces)), folder
+
+
+def test_the_fp8_rounding_tables_agree_with_torch() -> None:
+    """The fold rounds in numpy (convert needs no torch): every value and every rounding as torch's cast."""
+    import numpy as np
+
+    from vllm_modelopt_shim.harmonize import _encode, _values
+
+    ref = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double().numpy()
+    assert np.array_equal(np.nan_to_num(_values(), nan=7.0), np.nan_to_num(ref, nan=7.0))
+    ladder = ref[:127]
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [rng.uniform(0, FP8_MAX, 100_000), rng.uniform(0, 0.05, 100_000), -rng.uniform(0, FP8_MAX, 1000),
+         ladder, (ladder[1:] + ladder[:-1]) / 2, [0.0, -0.0]]
+    )  # fmt: skip
+    assert np.array_equal(_encode(x), torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy())
