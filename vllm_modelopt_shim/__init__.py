@@ -10,6 +10,7 @@ from ._bootstrap import install, installed
 from .errors import (
     CheckpointError,
     ConfigConflictError,
+    DamagedShardError,
     DuplicateTensorError,
     ExpertIndexError,
     MissingTensorError,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigConflictError",
+    "DamagedShardError",
     "DuplicateTensorError",
     "ExpertIndexError",
     "MissingTensorError",
