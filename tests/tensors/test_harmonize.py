@@ -259,3 +259,18 @@ def test_the_fp8_rounding_tables_agree_with_torch() -> None:
          ladder, (ladder[1:] + ladder[:-1]) / 2, [0.0, -0.0]]
     )  # fmt: skip
     assert np.array_equal(_encode(x), torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("calls", [1, 10**9], ids=["one call", "one tensor per call"])
+def test_pieces_whose_partner_never_comes_are_still_forwarded(calls: int) -> None:
+    """Nothing lost: an expert missing one of its four pieces gets the other three as the checkpoint holds them."""
+    missing = f"{P.format(0)}.up_proj.1.weight_scale_2"
+    ts = [(n, t) for n, t in layer_tensors() if n != missing]
+    folder = Folder(reciprocal=False, num_experts=4)
+    got = load(split(ts, calls), folder, full=calls == 1)
+    raw = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
+    assert set(got) == set(raw)
+    partners = [
+        f"{P.format(0)}.1.{p}" for p in ("gate_proj.weight_scale", "gate_proj.weight_scale_2", "up_proj.weight_scale")
+    ]
+    assert all(got[n] == raw[n] for n in partners)
