@@ -70,30 +70,35 @@ def _tensors(ckpt: str) -> list[tuple[str, Any]]:
 
 
 def fold(ckpt: str, runs: int = 5) -> dict[str, Any]:
-    """Seconds to fold one real-size MoE layer (all 128 experts, scales apart in each), and its extra peak RSS."""
+    """Seconds for the stream's Folder to take one real-size MoE layer's gate/up scales (all 128 experts,
+    scales apart in each) in checkpoint order and hand them back folded; and its extra peak RSS."""
     import torch
 
-    from vllm_modelopt_shim.harmonize import fold as fold_one
+    from vllm_modelopt_shim.harmonize import Folder
+    from vllm_modelopt_shim.names import parse
 
     layer = "model.language_model.layers.0.mlp.experts"
-    ts = dict(t for t in _tensors(ckpt) if t[0].startswith(layer + "."))
-    experts = sorted({int(n.split(".")[-2]) for n in ts})
-    piece = lambda proj, e, s: ts[f"{layer}.{proj}.{e}.{s}"]  # noqa: E731
-    gates = [piece("gate_proj", e, "weight_scale") for e in experts]
-    ups = [piece("up_proj", e, "weight_scale") for e in experts]
-    g = [piece("gate_proj", e, "weight_scale_2").item() for e in experts]
-    u = [piece("up_proj", e, "weight_scale_2").item() for e in experts]
+    kinds = {"weight_scale": "block", "weight_scale_2": "global"}
+    pieces = []
+    for name, t in _tensors(ckpt):
+        p = parse(name)
+        if name.startswith(layer + ".") and p is not None and p.proj != "down_proj" and p.suffix in kinds:
+            value = float(t.item()) if kinds[p.suffix] == "global" else None
+            pieces.append((p.prefix, p.expert, p.proj, kinds[p.suffix], name, t, value))
     before = _peak_mib()
-    seconds = []
+    seconds, folder = [], None
     for _ in range(runs):
+        folder = Folder(reciprocal=False, num_experts=128)
         started = time.perf_counter()
-        folded = [fold_one(gates[e], ups[e], g[e], u[e], reciprocal=False) for e in range(len(experts))]
+        for piece in pieces:
+            folder.take(*piece)
+        folder.drop()
         seconds.append(time.perf_counter() - started)
+    assert folder is not None
     return {
-        "experts": len(experts),
-        "changed": sum(f is not None for f in folded),
-        "shifted": sum(f is not None and f.shift > 0 for f in folded),
-        "block_scales_shape": list(gates[0].shape),
+        "experts": folder.result.experts,
+        "changed": folder.result.harmonized,
+        "pieces": len(pieces),
         "seconds": [round(s, 4) for s in seconds],
         "median_s": statistics.median(seconds),
         "extra_peak_mib": _peak_mib() - before,

@@ -353,15 +353,15 @@ def load(model: Any, loader: Any, vllm_config: Any, calls: str) -> None:
 def _break_fold() -> None:
     import vllm_modelopt_shim.harmonize as harmonize
 
-    real, calls = harmonize.fold, []
+    real, calls = harmonize.fold_tensors, []
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        if len(calls) == 2:  # the second expert
+        if len(calls) == 2:  # the second batch (layer)
             raise RuntimeError("injected by HARNESS_BREAK=fold")
         return real(*args, **kwargs)
 
-    harmonize.fold = broken  # type: ignore[assignment]
+    harmonize.fold_tensors = broken  # type: ignore[assignment]
 
 
 def run_one(ckpt: str) -> dict[str, Any]:

@@ -214,7 +214,7 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
     """The fold of every expert, as byte patches: data offset -> new bytes, per shard (needs numpy)."""
     import numpy as np
 
-    from .harmonize import fold_codes
+    from .harmonize import fold_many
 
     block, glob = "weight_scale", "weight_global_scale" if family == COMPRESSED else "weight_scale_2"
     where: dict[tuple[str, int, str, str], tuple[shards.Shard, shards.Entry]] = {}
@@ -243,19 +243,25 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
         if gg.dtype != "F32" or ug.dtype != "F32" or gg.end - gg.start != 4 or ug.end - ug.start != 4:
             continue
         experts.append(keys)
-    patches: dict[Path, list[tuple[int, bytes]]] = {}
+    layers: dict[str, list[list[tuple[str, int, str, str]]]] = {}
     for keys in experts:
-        gate, up = (np.frombuffer(raw(k), dtype=np.uint8).reshape(where[k][1].shape) for k in (keys[0], keys[2]))
-        g, u = (struct.unpack("<f", raw(k))[0] for k in (keys[1], keys[3]))
-        f = fold_codes(gate, up, g, u, reciprocal=family == COMPRESSED)
-        if f is None:
-            continue
-        result.harmonized += 1
-        common = struct.pack("<f", f.common)
-        new_gate, new_up = (np.ascontiguousarray(c).tobytes() for c in (f.gate, f.up))
-        for key, data in zip(keys, (new_gate, common, new_up, common), strict=True):
-            shard, e = where[key]
-            patches.setdefault(shard.path, []).append((e.start, data))
+        layers.setdefault(keys[0][0], []).append(keys)
+    patches: dict[Path, list[tuple[int, bytes]]] = {}
+    for batch in layers.values():  # one MoE layer at a time, as the runtime folds
+        inputs = []
+        for keys in batch:
+            gate, up = (np.frombuffer(raw(k), dtype=np.uint8).reshape(where[k][1].shape) for k in (keys[0], keys[2]))
+            g, u = (struct.unpack("<f", raw(k))[0] for k in (keys[1], keys[3]))
+            inputs.append((gate, up, g, u))
+        for keys, f in zip(batch, fold_many(inputs, reciprocal=family == COMPRESSED), strict=True):
+            if f is None:
+                continue
+            result.harmonized += 1
+            common = struct.pack("<f", f.common)
+            new_gate, new_up = (np.ascontiguousarray(c).tobytes() for c in (f.gate, f.up))
+            for key, data in zip(keys, (new_gate, common, new_up, common), strict=True):
+                shard, e = where[key]
+                patches.setdefault(shard.path, []).append((e.start, data))
     return patches
 
 

@@ -23,11 +23,14 @@ emitted again, folded, once their partners arrive).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["FP8_MAX", "Folder", "Result", "fold", "fold_codes"]
+__all__ = ["FP8_MAX", "Folder", "Result", "fold", "fold_many", "fold_tensors"]
 
 FP8_MAX = 448.0
+#: bytes of scale copies the Folder may hold at most, unless one MoE layer's gate/up block scales need more
+BUDGET = 64 << 20
 #: the four pieces of one expert the fold needs: (projection, kind)
 _PIECES = frozenset({("gate_proj", "block"), ("gate_proj", "global"), ("up_proj", "block"), ("up_proj", "global")})
 
@@ -93,77 +96,122 @@ def _encode(x: Any) -> Any:
     return np.where(np.isnan(x), 0x7F | np.where(np.signbit(x), 0x80, 0), code).astype(np.uint8)
 
 
-def _rescale(codes: Any, ratio: float, *, exact_if_normal: int = 0) -> tuple[Any, float]:
-    """fp8 codes (uint8 numpy) times ``ratio``, rounded to fp8 (at most 448); and the relative L2 error.
-
-    An fp8 tensor holds one of 256 values per byte, so both go through 256-entry tables: one
-    histogram and one gather over the bytes, in numpy (single-threaded and zero-copy: torch's
-    multi-threaded kernels on small tensors cost ten times more inside a busy vLLM process).
-    ``exact_if_normal=k`` (``ratio`` is 2**-k): when every code stays a normal number the rounding
-    is exact and the histogram is skipped.
-    """
+def _tables(ratios: Any) -> tuple[Any, Any]:
+    """Per ratio (> 0), the 256-entry table fp8 code -> code of its value times the ratio (rounded, at
+    most 448 in magnitude); and the exact products of codes 0..127.  One vectorized pass for a whole
+    batch of experts (table work costs per call, not per byte), on the non-negative half: negating a
+    value negates its rounding, so code | 0x80 maps to the table's code | 0x80."""
     import numpy as np
 
-    values = _values()
-    exact = values * ratio
-    table = _encode(np.minimum(exact, FP8_MAX))
-    table[0x7F], table[0xFF] = 0x7F, 0xFF  # NaN stays the NaN it was
-    out = np.take(table, codes)
-    if exact_if_normal and codes.size and int(codes.max()) < 0x80:  # non-negative, as block scales are
-        low = int(codes.min())
-        if low == 0:  # zero stays zero: the smallest non-zero code decides
-            nonzero = codes[codes != 0]
-            low = int(nonzero.min()) if nonzero.size else 0x7F
-        if low >> 3 > exact_if_normal:
-            return out, 0.0  # every exponent stays >= 1: a power-of-two shift is exact
-    counts = np.bincount(codes.reshape(-1), minlength=256)
+    exact = _values()[None, :128] * np.asarray(ratios, dtype=np.float64)[:, None]
+    half = _encode(np.minimum(exact, FP8_MAX))
+    half[:, 0x7F] = 0x7F  # NaN stays the NaN it was
+    return np.concatenate([half, half | 0x80], axis=1), exact
+
+
+def _errors(table: Any, exact: Any, counts: Any) -> Any:
+    """Relative L2 error of each row's rounding, every code weighted by how often it occurs
+    (``counts`` per code 0..255; a negative value's error is its magnitude's)."""
+    import numpy as np
+
+    values = _values()[:128]
     finite = np.isfinite(values)
-    diff = np.where(finite, values[table] - exact, 0.0)
-    norm = float((counts * np.where(finite, exact * exact, 0.0)).sum())
-    return out, (math.sqrt(float((counts * diff * diff).sum()) / norm) if norm > 0 else 0.0)
+    counts = counts[:, :128] + counts[:, 128:]
+    diff = np.where(finite, values[table[:, :128]] - exact, 0.0)
+    norm = (counts * np.where(finite, exact * exact, 0.0)).sum(axis=1)
+    sq = (counts * diff * diff).sum(axis=1)
+    return np.where(norm > 0, np.sqrt(sq / np.where(norm > 0, norm, 1.0)), 0.0)
 
 
-def _largest(codes: Any) -> float:
-    """The largest finite value among fp8 codes (block scales are >= 0: their codes are ordered as values)."""
+def _gather(table: Any, codes: Any) -> Any:
+    """``table[codes]`` for a 256-entry uint8 table: bytes.translate, twice as fast as numpy's gather."""
     import numpy as np
 
-    top = int(codes.max()) if codes.size else 0
-    values = _values()
-    if top < 0x7F:
-        return float(values[top])
-    present = values[np.bincount(codes.reshape(-1), minlength=256) > 0]
-    present = present[np.isfinite(present)]
-    return float(present.max()) if present.size else 0.0
+    out = bytearray(np.ascontiguousarray(codes)).translate(table.tobytes())
+    return np.frombuffer(out, dtype=np.uint8).reshape(codes.shape)
 
 
-def fold_codes(gate: Any, up: Any, g_stored: float, u_stored: float, *, reciprocal: bool) -> Folded | None:
-    """Fold one expert given its block scales as fp8 codes (uint8 numpy arrays of one shape).
+def _rescale(codes: Any, ratio: float) -> Any:
+    """fp8 codes (uint8 numpy) times ``ratio``, rounded to fp8 (at most 448)."""
+    return _gather(_tables([ratio])[0][0], codes)
 
-    ``reciprocal`` for compressed-tensors, whose global scale divides.  None when nothing is to be
-    done: equal global scales, scales that are not one finite value > 0 (verify reports those), or
-    block scales of two shapes.  The reported error is that of the block scales (each counted once).
+
+def _exact_shift(codes: Any, shift: int) -> bool:
+    """Whether dividing these block scales by ``2**shift`` is exact: every code zero or a normal number
+    that stays normal (non-negative and no NaN, as block scales are)."""
+    import numpy as np
+
+    if not codes.size or int(codes.max()) >= 0x7F:
+        return False
+    lowest = int(np.subtract(codes, 1).min()) + 1  # uint8 wraps: zeros do not count
+    return lowest == 256 or lowest >> 3 > shift
+
+
+def fold_many(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: bool) -> list[Folded | None]:
+    """Fold a batch of experts, each ``(gate codes, up codes, gate global, up global as stored)``.
+
+    Block scales are fp8 codes (uint8 numpy arrays, gate's and up's of one shape); ``reciprocal``
+    for compressed-tensors, whose global scale divides.  None for an expert with nothing to do:
+    equal global scales, scales that are not one finite value > 0 (verify reports those), or block
+    scales of two shapes.  Per expert one histogram and one gather; the rest once per batch.  The
+    reported error is that of the block scales (each counted once).
     """
-    if g_stored == u_stored or gate.shape != up.shape:
-        return None
-    if not all(math.isfinite(x) and x > 0 for x in (g_stored, u_stored)):
-        return None
-    g, u = (1.0 / g_stored, 1.0 / u_stored) if reciprocal else (g_stored, u_stored)
-    top, shift = _largest(up), 0
-    while u * top / (g * 2.0**shift) > FP8_MAX:
-        shift += 1
-    stored = g_stored / 2.0**shift if reciprocal else g_stored * 2.0**shift  # exact: a power of two
-    new_up, err_up = _rescale(up, u / (g * 2.0**shift))
-    new_gate, err_gate = _rescale(gate, 2.0**-shift, exact_if_normal=shift) if shift else (gate, 0.0)
-    return Folded(new_gate, new_up, stored, shift, abs(g - u) / u, max(err_gate, err_up))
+    import numpy as np
+
+    out: list[Folded | None] = [None] * len(experts)
+    todo = [
+        i
+        for i, (gate, up, g, u) in enumerate(experts)
+        if g != u and gate.shape == up.shape and all(math.isfinite(x) and x > 0 for x in (g, u))
+    ]
+    if not todo:
+        return out
+    values = _values()
+    stored = np.array([experts[i][2] for i in todo], dtype=np.float64)
+    g = 1.0 / stored if reciprocal else stored
+    u = np.array([experts[i][3] for i in todo], dtype=np.float64)
+    u = 1.0 / u if reciprocal else u
+    count_up = np.stack([np.bincount(experts[i][1].reshape(-1), minlength=256) for i in todo])
+    present = np.where((count_up > 0) & np.isfinite(values), values, -np.inf).max(axis=1)
+    top = np.where(np.isfinite(present), present, 0.0)  # up's largest finite block scale
+    shift = np.zeros(len(todo), dtype=np.int64)
+    while True:  # the smallest k >= 0 that keeps up's largest block scale within fp8
+        over = u * top / (np.ldexp(g, shift)) > FP8_MAX
+        if not over.any():
+            break
+        shift += over
+    scale = np.ldexp(1.0, shift)
+    common = stored / scale if reciprocal else stored * scale  # exact: a power of two
+    up_table, up_exact = _tables(u / (g * scale))
+    up_err = _errors(up_table, up_exact, count_up)
+    moved = [j for j in range(len(todo)) if shift[j]]
+    gate_err = np.zeros(len(todo))
+    gate_rows = {}
+    if moved:
+        gate_table, gate_exact = _tables(1.0 / scale[moved])
+        gate_rows = dict(zip(moved, gate_table, strict=True))
+        inexact = [k for k, j in enumerate(moved) if not _exact_shift(experts[todo[j]][0], int(shift[j]))]
+        if inexact:  # the error of an exact shift is 0: only the others need their histogram
+            counts = np.stack([np.bincount(experts[todo[moved[k]]][0].reshape(-1), minlength=256) for k in inexact])
+            gate_err[[moved[k] for k in inexact]] = _errors(gate_table[inexact], gate_exact[inexact], counts)
+    before, after = (abs(g - u) / u).tolist(), np.maximum(gate_err, up_err).tolist()
+    for j, (i, k, c) in enumerate(zip(todo, shift.tolist(), common.tolist(), strict=True)):
+        gate, up = experts[i][0], experts[i][1]
+        new_gate = _gather(gate_rows[j], gate) if k else gate
+        out[i] = Folded(new_gate, _gather(up_table[j], up), c, k, before[j], after[j])
+    return out
 
 
 def _codes(t: Any) -> Any:
-    return t.detach().cpu().contiguous().view(_torch().uint8).numpy()
+    """fp8 tensor -> its codes as uint8 numpy, shared memory where it is on the CPU (strides kept)."""
+    t = t.detach() if t.requires_grad else t
+    return (t if t.device.type == "cpu" else t.cpu()).view(_torch().uint8).numpy()
 
 
 def _tensor(codes: Any, like: Any) -> Any:
+    """uint8 numpy codes of ``like``'s shape -> an fp8 tensor on ``like``'s device."""
     torch = _torch()
-    out = torch.from_numpy(codes).view(torch.float8_e4m3fn).reshape(like.shape)
+    out = torch.from_numpy(codes).view(torch.float8_e4m3fn)
     return out if like.device.type == "cpu" else out.to(like.device)
 
 
@@ -173,36 +221,53 @@ def _torch() -> Any:
     return torch
 
 
+def fold_tensors(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: bool) -> list[Folded | None]:
+    """``fold_many`` on torch fp8 block scales [I, K/16]: the new block scales come back as tensors."""
+    folded = fold_many([(_codes(gate), _codes(up), g, u) for gate, up, g, u in experts], reciprocal=reciprocal)
+    for (gate, up, _, _), f in zip(experts, folded, strict=True):
+        if f is not None:
+            f.gate = gate if f.shift == 0 else _tensor(f.gate, gate)
+            f.up = _tensor(f.up, up)
+    return folded
+
+
 def fold(gate: Any, up: Any, g_stored: float, u_stored: float, *, reciprocal: bool) -> Folded | None:
-    """``fold_codes`` on torch fp8 tensors [I, K/16]: the new block scales come back as tensors."""
-    f = fold_codes(_codes(gate), _codes(up), g_stored, u_stored, reciprocal=reciprocal)
-    if f is not None:
-        f.gate = gate if f.shift == 0 else _tensor(f.gate, gate)
-        f.up = _tensor(f.up, up)
-    return f
+    """``fold_tensors`` for one expert."""
+    return fold_tensors([(gate, up, g_stored, u_stored)], reciprocal=reciprocal)[0]
 
 
 Pieces = dict[tuple[str, str], tuple[str, Any, float]]  # (proj, kind) -> (vLLM name, copy, value)
 _ORDER = (("gate_proj", "block"), ("gate_proj", "global"), ("up_proj", "block"), ("up_proj", "global"))
 
 
+def _inputs(pieces: Pieces) -> tuple[Any, Any, float, float]:
+    """An expert's four pieces as the fold takes them: gate and up block scales, their global scales."""
+    (_, gate, _), (_, _, g), (_, up, _), (_, _, u) = (pieces[p] for p in _ORDER)
+    return gate, up, g, u
+
+
 class Folder:
     """The stream's side of the fold, kept per model across ``load_weights`` calls.
 
     ``take`` receives each gate/up block or global scale of an expert (vLLM name, tensor, value)
-    and returns what to forward now: nothing while the expert's four pieces are incomplete (they
-    wait, as copies: some readers reuse their buffers), all four, folded, once they are.
-    ``flush`` (end of a call) forwards the pieces still waiting, as they are, and keeps them for a
-    later call.  At most ``limit`` bytes wait (one MoE layer's gate and up block scales, from the
-    first one seen); past that the oldest incomplete expert is let go as it is.  An internal error
-    turns the folder off: everything waiting, and every later piece, passes as the checkpoint holds it.
+    and returns what to forward now.  An expert's pieces wait, as copies (some readers reuse their
+    buffers), until all four are in; complete experts wait a little longer, until a batch of
+    ``num_experts`` (one MoE layer, in checkpoint order) is ready, and are folded together and
+    forwarded: the fold's table work costs per batch, not per expert.  ``flush`` (end of a call)
+    folds what is ready and forwards the incomplete pieces as they are, keeping them for a later
+    call.  At most ``limit`` bytes wait (``budget``, or one MoE layer's gate and up block scales if
+    that is more); past that, ready experts are folded early and then the oldest incomplete expert
+    is let go as it is.  An internal error turns the folder off: everything waiting, and every
+    later piece, passes as the checkpoint holds it.
     """
 
-    def __init__(self, *, reciprocal: bool, num_experts: int | None) -> None:
+    def __init__(self, *, reciprocal: bool, num_experts: int | None, budget: int = BUDGET) -> None:
         self.reciprocal = reciprocal
         self.num_experts = num_experts or 256
+        self.budget = budget
         self.waiting: dict[tuple[str, int], Pieces] = {}
         self.sent: dict[tuple[str, int], set[tuple[str, str]]] = {}  # pieces of waiting experts already forwarded
+        self.ready: list[tuple[tuple[str, int], Pieces]] = []  # complete, to be folded in the next batch
         #: expert -> (gate, up global scale as stored, shift, common scale as stored) of its last fold
         self.decided: dict[tuple[str, int], tuple[float, float, int, float]] = {}
         self.gone: set[tuple[str, int]] = set()  # let go over the bound: their pieces pass as they are
@@ -225,34 +290,45 @@ class Folder:
         if self.error is not None or key in self.gone or not self._fits(kind, tensor):
             return [(name, tensor)]
         try:
-            if value is None:
-                value = float(tensor.reshape(-1)[0])
-            pieces = self.waiting.setdefault(key, {})
-            old = pieces.get((proj, kind))
-            if old is not None:  # a second copy (a later update): it replaces the first
-                self.bytes -= old[1].nbytes
-            copy = tensor.detach().clone()
-            pieces[(proj, kind)] = (name, copy, value)
-            self.sent.setdefault(key, set()).discard((proj, kind))
+            if value is None:  # the stream reads global scales; block scales need no value
+                value = float(tensor.reshape(-1)[0]) if kind == "global" else 0.0
+            piece = (proj, kind)
+            pieces = self.waiting.get(key)
+            if pieces is None:
+                pieces = self.waiting[key] = {}
+            elif piece in pieces:  # a second copy (a later update): it replaces the first
+                self.bytes -= pieces[piece][1].nbytes
+                self.sent.get(key, set()).discard(piece)
+            copy = (tensor.detach() if tensor.requires_grad else tensor).clone()
+            pieces[piece] = (name, copy, value)
             self.bytes += copy.nbytes
             if self.limit is None and kind == "block":
-                self.limit = 2 * self.num_experts * copy.nbytes
-            if len(pieces) == len(_ORDER):
-                return self._complete(key)
-            out: list[tuple[str, Any]] = []
-            while self.limit is not None and self.bytes > self.limit and len(self.waiting) > 1:
-                out.extend(self._let_go(next(iter(self.waiting))))
-            return out
+                self.limit = max(self.budget, 2 * self.num_experts * copy.nbytes)
         except Exception as exc:  # our bug: never break a load over the fold
             return self._fail(exc, [(name, tensor)])
+        out: list[tuple[str, Any]] = []
+        if len(pieces) == len(_ORDER):
+            del self.waiting[key]
+            self.sent.pop(key, None)
+            self.ready.append((key, pieces))
+            if len(self.ready) >= self.num_experts:
+                out = self._fold_ready()
+        while self.error is None and self.limit is not None and self.bytes > self.limit:
+            if self.ready:
+                out.extend(self._fold_ready())
+            elif len(self.waiting) > 1:
+                out.extend(self._let_go(next(iter(self.waiting))))
+            else:
+                break
+        return out
 
     def flush(self) -> list[tuple[str, Any]]:
-        """End of a call: forward every waiting piece not yet forwarded, and keep it waiting.
+        """End of a call: fold what is ready; forward every waiting piece not yet forwarded, and keep it waiting.
 
         A piece of an expert folded before (a later weight update) is forwarded as that fold had
         it, so the expert's block scales and global scale keep agreeing; any other as it is.
         """
-        out = []
+        out = self._fold_ready()
         try:
             for key, pieces in self.waiting.items():
                 sent = self.sent.setdefault(key, set())
@@ -275,6 +351,7 @@ class Folder:
     def _forget(self) -> None:
         self.waiting.clear()
         self.sent.clear()
+        self.ready.clear()
         self.bytes = 0
 
     @staticmethod
@@ -296,9 +373,9 @@ class Folder:
             same = value == (g_stored if proj == "gate_proj" else u_stored)
             return _torch().full_like(copy, common) if same else copy
         if proj == "gate_proj":
-            return _tensor(_rescale(_codes(copy), 2.0**-shift)[0], copy) if shift else copy
+            return _tensor(_rescale(_codes(copy), 2.0**-shift), copy) if shift else copy
         ratio = (common / u_stored) if self.reciprocal else (u_stored / common)  # up / c
-        return _tensor(_rescale(_codes(copy), ratio)[0], copy)
+        return _tensor(_rescale(_codes(copy), ratio), copy)
 
     def _let_go(self, key: tuple[str, int]) -> list[tuple[str, Any]]:
         pieces = self.waiting.pop(key)
@@ -308,30 +385,41 @@ class Folder:
         self.gone.add(key)
         return [(name, self._as_decided(key, p, copy, v)) for p, (name, copy, v) in pieces.items() if p not in sent]
 
-    def _complete(self, key: tuple[str, int]) -> list[tuple[str, Any]]:
-        """Fold an expert whose four pieces are in; forward all four."""
-        pieces = self.waiting.pop(key)
-        self.sent.pop(key, None)
-        self.bytes -= sum(copy.nbytes for _, copy, _ in pieces.values())
-        (gate_name, gate), (g_name, g_t), (up_name, up), (u_name, u_t) = (pieces[p][:2] for p in _ORDER)
-        g, u = pieces["gate_proj", "global"][2], pieces["up_proj", "global"][2]
-        raw = [(gate_name, gate), (g_name, g_t), (up_name, up), (u_name, u_t)]
+    def _fold_ready(self) -> list[tuple[str, Any]]:
+        """Fold the complete experts as one batch; forward all four pieces of each."""
+        batch, self.ready = self.ready, []
+        raw = [[pieces[p][:2] for p in _ORDER] for _, pieces in batch]
+        for _, pieces in batch:
+            self.bytes -= sum(copy.nbytes for _, copy, _ in pieces.values())
+        if not batch:
+            return []
         try:
-            f = fold(gate, up, g, u, reciprocal=self.reciprocal)
+            folded = fold_tensors(
+                [_inputs(pieces) for _, pieces in batch],
+                reciprocal=self.reciprocal,
+            )
+            out: list[tuple[str, Any]] = []
+            result, full_like = self.result, _torch().full_like
+            for (key, pieces), f, four in zip(batch, folded, raw, strict=True):
+                result.experts += 1
+                if f is None:
+                    self.decided.pop(key, None)
+                    out += four
+                    continue
+                result.harmonized += 1
+                result.worst_before = max(result.worst_before, f.before)
+                result.worst_after = max(result.worst_after, f.after)
+                self.decided[key] = (pieces[_ORDER[1]][2], pieces[_ORDER[3]][2], f.shift, f.common)
+                (gate_name, _), (g_name, g_t), (up_name, _), (u_name, u_t) = four
+                out += [
+                    (gate_name, f.gate),
+                    (g_name, full_like(g_t, f.common)),
+                    (up_name, f.up),
+                    (u_name, full_like(u_t, f.common)),
+                ]
         except Exception as exc:
-            return self._fail(exc, raw)
-        result = self.result
-        result.experts += 1
-        if f is None:
-            self.decided.pop(key, None)
-            return raw
-        result.harmonized += 1
-        result.worst_before = max(result.worst_before, f.before)
-        result.worst_after = max(result.worst_after, f.after)
-        self.decided[key] = (g, u, f.shift, f.common)
-        torch = _torch()
-        common_g, common_u = torch.full_like(g_t, f.common), torch.full_like(u_t, f.common)
-        return [(gate_name, f.gate), (g_name, common_g), (up_name, f.up), (u_name, common_u)]
+            return self._fail(exc, [piece for four in raw for piece in four])
+        return out
 
     def _fail(self, exc: Exception, out: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         """Turn off; everything waiting is forwarded as it is, so no expert is left half-folded."""
@@ -342,5 +430,6 @@ class Folder:
             for piece, (name, copy, _) in pieces.items()
             if piece not in self.sent.get(key, set())
         ]
+        rest += [piece for _, pieces in self.ready for piece in (pieces[p][:2] for p in _ORDER)]
         self._forget()
         return out + rest

@@ -68,6 +68,23 @@ def test_both_halves_match_the_checkpoint_within_fp8_rounding(factor: float, see
     assert float(f.up.float().max()) <= FP8_MAX and bool(torch.isfinite(f.up.float()).all())
 
 
+@pytest.mark.parametrize("lowest", [0x40, 0x01], ids=["gate's shift exact", "gate's subnormals round"])
+def test_the_reported_error_is_that_of_the_block_scales(lowest: int) -> None:
+    """``after`` is the worse half's relative error of block scale x global scale, as vLLM computes it."""
+    g = torch.Generator().manual_seed(lowest)
+    gate = torch.randint(lowest, lowest + 0x10, (32, 8), generator=g, dtype=torch.uint8)
+    gate[0, :3] = 0  # zero blocks stay zero and do not count
+    up = torch.randint(0x50, 0x7F, (32, 8), generator=g, dtype=torch.uint8)
+    up[0, 0] = 0x7E  # 448: up / gate = 1.5 needs gate shifted by one power of two
+    gate_s, up_s = gate.view(torch.float8_e4m3fn), up.view(torch.float8_e4m3fn)
+    f = fold(gate_s, up_s, 1.0, 1.5, reciprocal=False)
+    assert f is not None and f.shift == 1 and f.common == 2.0
+    err = lambda new, old, s: float((new.float() * f.common - old.float() * s).norm() / (old.float() * s).norm())  # noqa: E731
+    gate_err, up_err = err(f.gate, gate_s, 1.0), err(f.up, up_s, 1.5)
+    assert (gate_err == 0.0) == (lowest == 0x40) and (gate_err > up_err) == (lowest == 0x01)
+    assert f.after == pytest.approx(max(gate_err, up_err), rel=1e-6, abs=1e-12)
+
+
 def test_gate_is_untouched_when_up_fits_under_gates_scale() -> None:
     x = expert(0.88)
     f = fold(x["gs"], x["us"], x["g2"], x["u2"], reciprocal=False)
@@ -158,12 +175,24 @@ def test_reversed_order_folds_like_checkpoint_order() -> None:
     assert folder.result.left == 0 and folder.result.harmonized == 4
 
 
-def test_at_most_one_layers_scales_wait_and_what_is_let_go_stays_whole() -> None:
-    """Two layers' gates waiting at once exceed the bound: the oldest experts pass as they are, counted."""
-    ts = layer_tensors()
+def interleave(ts: list[Any]) -> list[Any]:
     half = len(ts) // 2
-    interleaved = [x for pair in zip(ts[:half], ts[half:], strict=True) for x in pair]
+    return [x for pair in zip(ts[:half], ts[half:], strict=True) for x in pair]
+
+
+def test_layers_interleaved_within_the_budget_fold_as_in_order() -> None:
+    ts = layer_tensors()
     folder = Folder(reciprocal=False, num_experts=4)
+    assert load([interleave(ts)], folder, full=True) == load([ts], Folder(reciprocal=False, num_experts=4), full=True)
+    assert folder.result.left == 0 and folder.result.harmonized == 4
+
+
+def test_at_most_one_layers_scales_wait_and_what_is_let_go_stays_whole() -> None:
+    """With no budget beyond one layer, two layers' gates waiting at once exceed the bound: the oldest
+    experts pass as they are, counted."""
+    ts = layer_tensors()
+    interleaved = interleave(ts)
+    folder = Folder(reciprocal=False, num_experts=4, budget=0)
     got = load([interleaved], folder, full=True)
     good = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
     raw = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
@@ -183,21 +212,21 @@ def test_an_internal_error_leaves_every_expert_whole(monkeypatch: pytest.MonkeyP
     """After a failing fold every expert is either fully folded or exactly as the checkpoint holds it."""
     import vllm_modelopt_shim.harmonize as harmonize
 
-    real = harmonize.fold
+    real = harmonize.fold_tensors
     seen = []
 
     def breaks(*args: Any, **kwargs: Any) -> Any:
         seen.append(1)
-        if len(seen) == 3:  # the third expert
+        if len(seen) == 2:  # the second batch: layer 1
             raise RuntimeError("injected")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(harmonize, "fold", breaks)
+    monkeypatch.setattr(harmonize, "fold_tensors", breaks)
     ts = layer_tensors()
     folder = Folder(reciprocal=False, num_experts=4)
     got = load([ts], folder, full=True)
     assert folder.error is not None and "injected" in folder.error
-    monkeypatch.setattr(harmonize, "fold", real)
+    monkeypatch.setattr(harmonize, "fold_tensors", real)
     raw = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
     good = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
     assert_whole(got, good, raw)
@@ -242,6 +271,24 @@ def test_every_tensor_the_fold_does_not_change_reaches_vllm_as_the_very_object_r
         )
         pieces = [n for n, _ in out if n.endswith(folded)]
         assert len(same) == len(ts) - (0 if folder is None else len(pieces)), folder
+
+
+def test_a_batch_folds_each_expert_exactly_as_alone() -> None:
+    """The Folder folds a layer at once: every expert's bytes, shift, scale and error as its own fold's."""
+    from vllm_modelopt_shim.harmonize import fold_many
+
+    codes = lambda t: t.contiguous().view(torch.uint8).numpy()  # noqa: E731
+    xs = [expert(f, seed=i, shared=f == 1.0) for i, f in enumerate([1.0, 1.3, 0.5, 3.0, 1.14, 1.0, 0.88, 2.0])]
+    batch = [(codes(x["gs"]), codes(x["us"]), x["g2"], x["u2"]) for x in xs]
+    batch.insert(3, (batch[0][0], batch[0][1][:8], 1.0, 2.0))  # two shapes: left alone
+    together = fold_many(batch, reciprocal=False)
+    alone = [fold_many([b], reciprocal=False)[0] for b in batch]
+    assert [f is None for f in together] == [f is None for f in alone]
+    assert sum(f is not None and f.shift > 0 for f in together) >= 2  # both rules are in the batch
+    for t, a in zip(together, alone, strict=True):
+        if t is not None and a is not None:
+            assert (t.shift, t.common, t.before, t.after) == (a.shift, a.common, a.before, a.after)
+            assert t.gate.tobytes() == a.gate.tobytes() and t.up.tobytes() == a.up.tobytes()
 
 
 def test_the_fp8_rounding_tables_agree_with_torch() -> None:
