@@ -8,8 +8,9 @@
 Started with any python: everything that needs vLLM or torch runs in fresh interpreters of the
 tests' cached vLLM 0.32.0 venv (scripts/venv.py creates it on first use), shim on (PYTHONPATH=<checkout>)
 and stock (no PYTHONPATH) interleaved, the order alternating every pair, with the shim's defaults.
-Workloads (bench/workloads.py): the Qwen3-VL-30B-A3B tensor census at tiny dimensions, and 2 MoE
-layers at its real MoE dimensions; measurements: bench/worker.py; figures and targets: bench/figures.py.
+Workloads (bench/workloads.py): the Qwen3-VL-30B-A3B tensor census at tiny dimensions, 2 MoE
+layers at its real MoE dimensions, and those written 4 times over (8 layers, 4 shards) for convert;
+measurements: bench/worker.py; figures and targets: bench/figures.py.
 
 Benchmarks are not tests: a missed target is printed as FAIL and the exit status stays 0; it is
 nonzero only when the benchmark itself fails.  Correctness (every tensor forwarded as read, the
@@ -237,9 +238,9 @@ def loads(python: Path, ckpt: dict[str, Any], pairs: int) -> dict[str, Any]:
 
 
 # -- convert -----------------------------------------------------------------------------------------
-def converts(python: Path, real: dict[str, Any], reps: int) -> dict[str, Any]:
-    """``cp -r`` and ``convert`` (byte-exact, and the default) of the real-size checkpoint, interleaved."""
-    src = real["legacy"]
+def converts(python: Path, big: dict[str, Any], reps: int) -> dict[str, Any]:
+    """``cp -r`` and ``convert`` (byte-exact, and the default) of a real-size checkpoint, interleaved."""
+    src = big["legacy"]
     runs: dict[str, list[float]] = {"cp": [], "exact": [], "default": []}
     cmds = {
         "cp": lambda dst: ["cp", "-r", src, dst],
@@ -259,7 +260,8 @@ def converts(python: Path, real: dict[str, Any], reps: int) -> dict[str, Any]:
                 shutil.rmtree(dst)
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {
-        "mib": real["bytes"] / 2**20,
+        "mib": big["bytes"] / 2**20,
+        "layers": big["expert_tensors"] // (128 * 3 * 4),
         "cp_s": [round(x, 3) for x in runs["cp"]],
         "exact_s": [round(x, 3) for x in runs["exact"]],
         "default_s": [round(x, 3) for x in runs["default"]],
@@ -341,8 +343,9 @@ def bench(args: argparse.Namespace) -> int:
     started = time.monotonic()
     python = vllm_python()
     census, real = prepare(python, "census"), prepare(python, "real")
+    big = prepare(python, "convert")  # from real's bytes
     if args.prepare:
-        print(census["dir"], real["dir"])
+        print(census["dir"], real["dir"], big["dir"])
         return 0
     system_python = plain_python3()
     log("start-up: 30 interleaved runs of `python -c pass` per variant")
@@ -353,8 +356,8 @@ def bench(args: argparse.Namespace) -> int:
     fo = measure(python, ["fold", real["legacy"]], shim_env())
     log("stream: census tensors in memory, three orders")
     st = measure(python, ["stream", census["legacy"]], shim_env())
-    log("convert: the real-size checkpoint, against cp -r")
-    cv = converts(python, real, 3 if quick else 5)
+    log("convert: 8 real-size MoE layers in 4 shards, against cp -r")
+    cv = converts(python, big, 3 if quick else 5)
     log(f"loads: {pairs} interleaved pairs per workload, one subprocess each")
     rl = loads(python, real, pairs)
     ce = loads(python, census, pairs)

@@ -6,6 +6,8 @@
 - ``real``: 2 MoE layers at 30B-A3B's real MoE dimensions (hidden 2048, 128 experts,
   moe_intermediate 768), gate/up global scales apart in every expert: the cost per byte, and
   the fold at its real size.
+- ``convert``: ``real``'s 2 layers written 4 times over as layers 0-7, one shard each pair (a
+  sharded real-size checkpoint big enough that copying, as for a real model, outweighs start-up).
 
 Cached under $VLLM_MODELOPT_SHIM_BENCH or ~/.cache/vllm-modelopt-shim/bench/<name>-<version>/.
 """
@@ -45,17 +47,21 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any], float]] = {
         1.1,  # odd experts' up_proj 10% larger: their fold shifts gate by a power of two
     ),
 }
-EXPERT_TENSORS = {"census": 48 * 128 * 3 * 4, "real": 2 * 128 * 3 * 4}
+EXPERT_TENSORS = {"census": 48 * 128 * 3 * 4, "real": 2 * 128 * 3 * 4, "convert": 8 * 128 * 3 * 4}
+#: derived workloads: name -> (cache version, source workload, copies of its layers)
+DERIVED = {"convert": ("v1", "real", 4)}
 
 
 def cache_dir(name: str) -> Path:
     env = os.environ.get("VLLM_MODELOPT_SHIM_BENCH")
     base = Path(env) if env else Path.home() / ".cache" / "vllm-modelopt-shim" / "bench"
-    return base / f"{name}-{WORKLOADS[name][0]}"
+    return base / f"{name}-{(DERIVED.get(name) or WORKLOADS[name])[0]}"
 
 
 def write(name: str, directory: Path) -> dict[str, Any]:
     """Write workload ``name`` into ``directory`` (the driver renames it into the cache); its manifest."""
+    if name in DERIVED:
+        return _replicate(name, directory)
     sys.path.insert(0, str(TESTS))
     import checkpoints
     import torch
@@ -108,5 +114,46 @@ def write(name: str, directory: Path) -> dict[str, Any]:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (sharded / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         manifest.update(sharded=str(final / "sharded"), shards=SHARDS)
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _replicate(name: str, directory: Path) -> dict[str, Any]:
+    """``copies`` times the source workload's MoE layers, renumbered, one shard per copy (legacy names)."""
+    from safetensors.torch import load_file, save_file
+
+    _, source, copies = DERIVED[name]
+    src = cache_dir(source) / "legacy"
+    tensors = load_file(str(src / "model.safetensors"))
+    layers = 1 + max(int(n.split(".layers.")[1].split(".")[0]) for n in tensors if ".language_model.layers." in n)
+    out = directory / "legacy"
+    out.mkdir(parents=True)
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = layers * copies
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copy(src / "hf_quant_config.json", out / "hf_quant_config.json")
+    weight_map: dict[str, str] = {}
+    total = experts = 0
+    for copy in range(copies):
+        part = {}
+        for n, t in tensors.items():
+            if ".language_model.layers." in n:
+                head, rest = n.split(".layers.", 1)
+                index, tail = rest.split(".", 1)
+                part[f"{head}.layers.{int(index) + copy * layers}.{tail}"] = t
+            elif copy == 0:
+                part[n] = t
+        fname = f"model-{copy + 1:05d}-of-{copies:05d}.safetensors"
+        save_file(part, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+        total += sum(t.numel() * t.element_size() for t in part.values())
+        experts += sum(".mlp.experts." in n for n in part)
+    if experts != EXPERT_TENSORS[name]:
+        raise RuntimeError(f"{experts} expert tensors, expected {EXPERT_TENSORS[name]}")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    final = cache_dir(name)
+    manifest = {"name": name, "dir": str(final), "legacy": str(final / "legacy"), "source": source,
+                "copies": copies, "tensors": len(weight_map), "expert_tensors": experts, "bytes": total}  # fmt: skip
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

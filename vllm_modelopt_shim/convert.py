@@ -124,7 +124,7 @@ def _write(
     tmp: Path,
     good: list[shards.Shard],
     family: str | None,
-    patches: dict[Path, list[tuple[int, bytes]]],
+    patches: dict[Path, list[tuple[int, Any]]],
     result: Conversion,
     progress: TextIO | None,
 ) -> None:
@@ -210,8 +210,9 @@ def _write_config(path: Path, target: Path, result: Conversion) -> None:
     target.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion) -> dict[Path, list[tuple[int, bytes]]]:
-    """The fold of every expert, as byte patches: data offset -> new bytes, per shard (needs numpy)."""
+def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion) -> dict[Path, list[tuple[int, Any]]]:
+    """The fold of every expert, one MoE layer at a time as the runtime folds, as byte patches: data
+    offset -> new bytes, per shard (needs numpy)."""
     import numpy as np
 
     from .harmonize import fold_many
@@ -223,14 +224,7 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
             p = parse(name)
             if p is not None and p.layout != FUSED and p.proj in PROJECTIONS[:2] and p.suffix in (block, glob):
                 where[(p.prefix, p.expert, p.proj, p.suffix)] = (shard, e)
-
-    def raw(key: tuple[str, int, str, str]) -> bytes:
-        shard, e = where[key]
-        with open(shard.path, "rb") as f:
-            f.seek(shard.data_start + e.start)
-            return f.read(e.end - e.start)
-
-    experts = []
+    layers: dict[str, list[list[tuple[str, int, str, str]]]] = {}
     for prefix, expert, proj, suffix in where:
         if proj != "gate_proj" or suffix != block:
             continue
@@ -242,26 +236,34 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
             continue
         if gg.dtype != "F32" or ug.dtype != "F32" or gg.end - gg.start != 4 or ug.end - ug.start != 4:
             continue
-        experts.append(keys)
-    layers: dict[str, list[list[tuple[str, int, str, str]]]] = {}
-    for keys in experts:
-        layers.setdefault(keys[0][0], []).append(keys)
-    patches: dict[Path, list[tuple[int, bytes]]] = {}
-    for batch in layers.values():  # one MoE layer at a time, as the runtime folds
-        inputs = []
-        for keys in batch:
-            gate, up = (np.frombuffer(raw(k), dtype=np.uint8).reshape(where[k][1].shape) for k in (keys[0], keys[2]))
-            g, u = (struct.unpack("<f", raw(k))[0] for k in (keys[1], keys[3]))
-            inputs.append((gate, up, g, u))
-        for keys, f in zip(batch, fold_many(inputs, reciprocal=family == COMPRESSED), strict=True):
-            if f is None:
-                continue
-            result.harmonized += 1
-            common = struct.pack("<f", f.common)
-            new_gate, new_up = (np.ascontiguousarray(c).tobytes() for c in (f.gate, f.up))
-            for key, data in zip(keys, (new_gate, common, new_up, common), strict=True):
-                shard, e = where[key]
-                patches.setdefault(shard.path, []).append((e.start, data))
+        layers.setdefault(prefix, []).append(keys)
+    fds = {shard.path: os.open(shard.path, os.O_RDONLY) for shard in good}
+    try:
+
+        def raw(key: tuple[str, int, str, str]) -> bytes:
+            shard, e = where[key]
+            return os.pread(fds[shard.path], e.end - e.start, shard.data_start + e.start)
+
+        patches: dict[Path, list[tuple[int, Any]]] = {}
+        for batch in layers.values():
+            inputs = []
+            for keys in batch:
+                gate, up = (np.frombuffer(raw(k), np.uint8).reshape(where[k][1].shape) for k in (keys[0], keys[2]))
+                g, u = (struct.unpack("<f", raw(k))[0] for k in (keys[1], keys[3]))
+                inputs.append((gate, up, g, u))
+            for keys, f in zip(batch, fold_many(inputs, reciprocal=family == COMPRESSED), strict=True):
+                if f is None:
+                    continue
+                result.harmonized += 1
+                common = struct.pack("<f", f.common)
+                new = (np.ascontiguousarray(f.gate) if f.shift else None, common, np.ascontiguousarray(f.up), common)
+                for key, data in zip(keys, new, strict=True):
+                    if data is not None:  # gate's block scales change only when shifted
+                        shard, e = where[key]
+                        patches.setdefault(shard.path, []).append((e.start, data))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     return patches
 
 
