@@ -75,9 +75,17 @@ def plain_python3() -> str | None:
         return found
 
 
+#: unless set already: libgomp's spinning worker threads otherwise take the loading thread's core on a
+#: 2-core machine at random, making one stock load 2 s or 6 s (the same for shim and stock)
+OMP_WAIT_POLICY = "PASSIVE"
+
+
 def base_env() -> dict[str, str]:
-    """os.environ without PYTHONPATH or any shim variable (everything else, as it is)."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("VLLM_MODELOPT_SHIM")}
+    """os.environ without PYTHONPATH or any shim variable (everything else, as it is; OMP_WAIT_POLICY
+    defaulted)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("VLLM_MODELOPT_SHIM")}
+    env.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    return env
 
 
 def shim_env() -> dict[str, str]:
@@ -317,6 +325,7 @@ def machine(python: Path, system_python: str | None, versions: dict[str, str]) -
         "system_python3_version": version_of(system_python),
         "commit": commit or None,
         "pythondontwritebytecode": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
+        "omp_wait_policy": base_env()["OMP_WAIT_POLICY"],
         **versions,
     }
 
@@ -356,11 +365,11 @@ def bench(args: argparse.Namespace) -> int:
     fo = measure(python, ["fold", real["legacy"]], shim_env())
     log("stream: census tensors in memory, three orders")
     st = measure(python, ["stream", census["legacy"]], shim_env())
-    log("convert: 8 real-size MoE layers in 4 shards, against cp -r")
-    cv = converts(python, big, 3 if quick else 5)
     log(f"loads: {pairs} interleaved pairs per workload, one subprocess each")
     rl = loads(python, real, pairs)
     ce = loads(python, census, pairs)
+    log("convert: 8 real-size MoE layers in 4 shards, against cp -r (last: it writes gigabytes)")
+    cv = converts(python, big, 3 if quick else 5)
     result: dict[str, Any] = {
         "startup_ratio": su["ratio"],
         "load_overhead_ratio": ce["ratio"],
