@@ -10,23 +10,13 @@ TARGETS: dict[str, tuple[float, float, str, str]] = {
     "startup_ratio": (1.15, 1.15, "x", "`python -c pass`, checkout on PYTHONPATH over without"),
     "load_overhead_ratio": (1.02, 1.05, "x", "census load_weights, defaults: shim (legacy) over stock (canonical)"),
     "real_load_ratio": (1.05, 1.10, "x", "real-size load_weights, defaults: shim (legacy) over stock (canonical)"),
-    "fold_s_per_layer": (
-        0.1,
-        0.1,
-        "s",
-        "fold of one real-size MoE layer by the stream's Folder (128 experts, scales apart in each)",
-    ),
+    "fold_s_per_layer": (0.1, 0.1, "s", "the stream's Folder on one real-size MoE layer (128 experts, all apart)"),
     "interleaved_ratio": (1.2, 1.2, "x", "the shim's stream, layers interleaved over in order"),
     "extra_rss_mib": (64.0, 64.0, "MiB", "census load: peak RSS, shim minus stock"),
     "real_extra_rss_mib": (256.0, 256.0, "MiB", "real-size load: peak RSS, shim minus stock"),
     "doctor_s": (1.0, 2.0, "s", "`doctor DIR --json` on the 8-shard census copy"),
     "convert_exact_ratio": (1.2, 1.2, "x", "`convert --no-harmonize` of 8 real-size layers (4 shards) over `cp -r`"),
-    "convert_ratio": (
-        1.5,
-        1.5,
-        "x",
-        "`convert` (harmonized, the default) of 8 real-size layers (4 shards) over `cp -r`",
-    ),
+    "convert_ratio": (1.5, 1.5, "x", "`convert` (harmonizing) of 8 real-size layers (4 shards) over `cp -r`"),
 }
 
 
