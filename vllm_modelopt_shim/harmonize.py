@@ -8,7 +8,8 @@ different scales, so up_proj would be dequantized that far off.
 The fold acts on the checkpoint tensors as they stream past, before vLLM copies them (vLLM's
 layerwise reload processes a layer for its kernels inside ``load_weights``, so afterwards is too
 late).  ``Folder`` holds an expert's gate/up block and global scales (copies: some readers reuse
-their buffers) until all four have passed, then emits them folded:
+their buffers) until all four have passed and a layer's worth of experts is complete, then folds
+them as one batch and emits them:
 
 - the common scale is ``c = gate * 2**k`` with the smallest ``k >= 0`` that keeps up's largest
   block scale, rescaled by ``up / c``, within fp8 e4m3's maximum (448);
@@ -31,8 +32,6 @@ __all__ = ["FP8_MAX", "Folder", "Result", "fold", "fold_many", "fold_tensors"]
 FP8_MAX = 448.0
 #: bytes of scale copies the Folder may hold at most, unless one MoE layer's gate/up block scales need more
 BUDGET = 64 << 20
-#: the four pieces of one expert the fold needs: (projection, kind)
-_PIECES = frozenset({("gate_proj", "block"), ("gate_proj", "global"), ("up_proj", "block"), ("up_proj", "global")})
 
 
 class Result:
@@ -56,8 +55,8 @@ class Result:
 
 
 class Folded:
-    """One expert's folded w13 scales: new block scales per half (codes, or tensors from ``fold``) and the
-    common global scale as stored."""
+    """One expert's folded w13 scales: new block scales per half (codes from ``fold_many``, tensors from
+    ``fold_tensors``) and the common global scale as stored."""
 
     __slots__ = ("after", "before", "common", "gate", "shift", "up")
 
@@ -394,22 +393,15 @@ class Folder:
         if not batch:
             return []
         try:
-            folded = fold_tensors(
-                [_inputs(pieces) for _, pieces in batch],
-                reciprocal=self.reciprocal,
-            )
+            folded = fold_tensors([_inputs(pieces) for _, pieces in batch], reciprocal=self.reciprocal)
+            full_like = _torch().full_like
             out: list[tuple[str, Any]] = []
-            result, full_like = self.result, _torch().full_like
+            decided: list[tuple[tuple[str, int], Pieces, Folded]] = []
             for (key, pieces), f, four in zip(batch, folded, raw, strict=True):
-                result.experts += 1
                 if f is None:
-                    self.decided.pop(key, None)
                     out += four
                     continue
-                result.harmonized += 1
-                result.worst_before = max(result.worst_before, f.before)
-                result.worst_after = max(result.worst_after, f.after)
-                self.decided[key] = (pieces[_ORDER[1]][2], pieces[_ORDER[3]][2], f.shift, f.common)
+                decided.append((key, pieces, f))
                 (gate_name, _), (g_name, g_t), (up_name, _), (u_name, u_t) = four
                 out += [
                     (gate_name, f.gate),
@@ -419,6 +411,16 @@ class Folder:
                 ]
         except Exception as exc:
             return self._fail(exc, [piece for four in raw for piece in four])
+        # only now, with every expert's pieces in hand: an error above leaves the batch as it was read
+        result = self.result
+        result.experts += len(batch)
+        result.harmonized += len(decided)
+        for key, _ in batch:
+            self.decided.pop(key, None)
+        for key, pieces, f in decided:
+            result.worst_before = max(result.worst_before, f.before)
+            result.worst_after = max(result.worst_after, f.after)
+            self.decided[key] = (pieces[_ORDER[1]][2], pieces[_ORDER[3]][2], f.shift, f.common)
         return out
 
     def _fail(self, exc: Exception, out: list[tuple[str, Any]]) -> list[tuple[str, Any]]:

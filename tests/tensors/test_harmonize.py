@@ -233,6 +233,62 @@ def test_an_internal_error_leaves_every_expert_whole(monkeypatch: pytest.MonkeyP
     assert any(got[n] != good[n] for n in raw)  # the injected error did leave some expert as it was
 
 
+def test_an_error_half_way_through_a_batch_forwards_the_whole_batch_as_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error while emitting a folded batch: every expert of it as the checkpoint holds it, none counted."""
+    import vllm_modelopt_shim.harmonize as harmonize
+
+    real = harmonize.fold_tensors
+    calls = []
+
+    def breaks_late(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        folded = real(*args, **kwargs)
+        return [*folded[:-1], object()] if len(calls) == 2 else folded  # layer 1's last expert cannot be emitted
+
+    monkeypatch.setattr(harmonize, "fold_tensors", breaks_late)
+    ts = layer_tensors()
+    folder = Folder(reciprocal=False, num_experts=4)
+    got = load([ts], folder, full=True)
+    monkeypatch.setattr(harmonize, "fold_tensors", real)
+    raw = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
+    good = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
+    assert folder.error is not None
+    layer1 = [n for n in raw if n.startswith(P.format(1))]
+    assert all(got[n] == raw[n] for n in layer1)  # layer 1 entirely as read, though its first experts folded
+    assert any(got[n] != raw[n] for n in raw if n not in layer1)  # layer 0 folded before the error
+    assert_whole(got, good, raw)
+    assert (folder.result.experts, folder.result.harmonized) == (4, 2)  # layer 0 only: nothing half-counted
+    assert not any(key[0] == P.format(1) for key in folder.decided)
+
+
+def test_an_error_while_experts_wait_for_their_batch_forwards_them_as_read() -> None:
+    """Experts complete but not yet folded (their batch not full) are not lost when the Folder fails."""
+
+    class Unclonable(torch.Tensor):
+        def clone(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("injected")
+
+    ts = layer_tensors(layers=1)
+    folder = Folder(reciprocal=False, num_experts=4)
+    kinds = {"weight_scale": "block", "weight_scale_2": "global"}
+    first = [(n, t) for n, t in ts if ".1." in n and n.rsplit(".", 1)[1] in kinds]  # expert 1's scale pieces
+    for n, t in first:
+        proj, suffix = n.split(".")[-3], n.rsplit(".", 1)[1]
+        value = float(t) if kinds[suffix] == "global" else None
+        assert folder.take(P.format(0), 1, proj, kinds[suffix], canonical(n), t, value) == []
+    assert len(folder.ready) == 1 and folder.error is None  # complete, waiting for its batch
+    name = next(n for n, _ in ts if n.endswith("gate_proj.2.weight_scale"))
+    bad = dict(ts)[name].as_subclass(Unclonable)
+    out = folder.take(P.format(0), 2, "gate_proj", "block", canonical(name), bad, None)
+    assert folder.error is not None and "injected" in folder.error
+    forwarded = {n: t for n, t in out}
+    assert forwarded[canonical(name)] is bad
+    assert len(first) == 4 and len(forwarded) == 5
+    for n, t in first:  # each of expert 1's pieces, as read
+        assert torch.equal(forwarded[canonical(n)].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+    assert folder.ready == [] and folder.waiting == {}
+
+
 def test_a_later_update_of_one_piece_keeps_the_expert_consistent() -> None:
     """A weight update re-sending gate's block scales alone: forwarded as the earlier fold had them."""
     ts = layer_tensors(layers=1)
