@@ -44,6 +44,9 @@ def paired(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> dict[str, Any
         "stock_maxrss_mib": [round(b["maxrss_mib"], 1) for b in off],
         "shim_s": [round(s, 4) for s in shim_s],
         "shim_us_per_tensor": statistics.median(s / a["seen"] * 1e6 for s, a in zip(shim_s, on, strict=True)),
+        # (stock + the shim's own seconds) / stock, medians: what the shim adds by its own clock, free of
+        # the spread of the stock loads that dominates the paired ratios on a noisy machine
+        "own_ratio": 1 + statistics.median(shim_s) / statistics.median(b["load_s"] for b in off),
     }
 
 
@@ -72,14 +75,18 @@ def table(figures: dict[str, Any], quick: bool) -> str:
         "details:",
         f"  census ({census['pairs']} pairs): shim {statistics.median(census['shim_load_s']):.2f} s, stock "
         f"{statistics.median(census['stock_load_s']):.2f} s, paired ratios {census['paired_ratios']}; "
-        f"the shim's own time {census['shim_s']} s ({census['shim_us_per_tensor']:.2f} us per tensor)",
+        f"the shim's own time {census['shim_s']} s ({census['shim_us_per_tensor']:.2f} us per tensor; "
+        f"stock + own over stock {census['own_ratio']:.3f} x)",
         f"  real size ({real['pairs']} pairs): shim {statistics.median(real['shim_load_s']):.2f} s, stock "
         f"{statistics.median(real['stock_load_s']):.2f} s, paired ratios {real['paired_ratios']}; shim time "
-        f"{real['shim_s']} s; peak RSS shim {real['shim_maxrss_mib']}, stock {real['stock_maxrss_mib']} MiB",
+        f"{real['shim_s']} s (stock + own over stock {real['own_ratio']:.3f} x); peak RSS shim "
+        f"{real['shim_maxrss_mib']}, stock {real['stock_maxrss_mib']} MiB",
         f"  fold (the Folder taking one layer's {fold['pieces']} gate/up scale pieces): {fold['experts']} experts, "
         f"{fold['changed']} changed, {fold['seconds']} s, extra peak {fold['extra_peak_mib']:.1f} MiB",
         f"  stream ({stream['tensors']} tensors, in memory): "
-        + ", ".join(f"{k} {v:.3f} s" for k, v in stream["median_s"].items()),
+        + ", ".join(f"{k} {v:.3f} s" for k, v in stream["median_s"].items())
+        + f"; paired ratios over ordered: interleaved {stream['interleaved_ratio']:.3f}, reversed "
+        f"{stream['reversed_ratio']:.3f}",
         f"  start-up: {d['startup']['median_ms']} ms; doctor {d['doctor']['seconds']} s",
         f"  convert ({d['convert']['layers']} layers, {d['convert']['mib']:.0f} MiB): cp {d['convert']['cp_s']} s, "
         f"--no-harmonize {d['convert']['exact_s']} s, default {d['convert']['default_s']} s",

@@ -1,7 +1,7 @@
 """Performance benchmark of vllm-modelopt-shim: what users run, default settings, as ratios against stock vLLM.
 
-    python3 bench/run.py                    # full run (~25 min on 2 cores): 9 load pairs per workload
-    python3 bench/run.py --quick            # short run (~13 min): 5 pairs, looser targets
+    python3 bench/run.py                    # full run (~15 min on 2 cores): 9 load pairs per workload
+    python3 bench/run.py --quick            # short run (~10 min): 5 pairs, looser targets
     python3 bench/run.py --quick --json bench/out/quick.json   # also write the figures (bench/out/ is ignored)
     python3 bench/run.py --prepare          # only write the cached workloads
 
@@ -383,6 +383,8 @@ def bench(args: argparse.Namespace) -> int:
         "convert_ratio": cv["default_ratio"],
         "shim_s_per_census_load": statistics.median(ce["shim_s"]),
         "shim_us_per_tensor": ce["shim_us_per_tensor"],
+        "census_own_ratio": ce["own_ratio"],
+        "real_own_ratio": rl["own_ratio"],
         "startup_ratio_naive": su.get("naive_ratio"),
         "mode": "quick" if quick else "full",
         "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
