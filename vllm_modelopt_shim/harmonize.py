@@ -135,6 +135,12 @@ def _rescale(codes: Any, ratio: float) -> Any:
     return _gather(_tables([ratio])[0][0], codes)
 
 
+def _fits_common(codes: Any, ratio: float) -> bool:
+    """Whether fp8 block scales times ``ratio`` stay finite and within fp8 (at most 448)."""
+    top = float(_values()[int(codes.max())]) if codes.size else 0.0
+    return math.isfinite(top) and top >= 0 and top * ratio <= FP8_MAX
+
+
 def _exact_shift(codes: Any, shift: int) -> bool:
     """Whether dividing these block scales by ``2**shift`` is exact: every code zero or a normal number
     that stays normal (non-negative and no NaN, as block scales are)."""
@@ -286,39 +292,44 @@ class Folder:
         self, prefix: str, expert: int, proj: str, kind: str, name: str, tensor: Any, value: float | None
     ) -> list[tuple[str, Any]]:
         key = (prefix, expert)
-        if self.error is not None or key in self.gone or not self._fits(kind, tensor):
+        if self.error is not None or not self._fits(kind, tensor):
             return [(name, tensor)]
         try:
             if value is None:  # the stream reads global scales; block scales need no value
                 value = float(tensor.reshape(-1)[0]) if kind == "global" else 0.0
             piece = (proj, kind)
+            if key in self.gone:  # let go over the bound: its pieces pass at once, as its last fold had them
+                return self._as_decided(key, [(piece, name, tensor, value)])
+            copy = (tensor.detach() if tensor.requires_grad else tensor).clone()  # before anything changes
             pieces = self.waiting.get(key)
             if pieces is None:
                 pieces = self.waiting[key] = {}
             elif piece in pieces:  # a second copy (a later update): it replaces the first
                 self.bytes -= pieces[piece][1].nbytes
                 self.sent.get(key, set()).discard(piece)
-            copy = (tensor.detach() if tensor.requires_grad else tensor).clone()
             pieces[piece] = (name, copy, value)
             self.bytes += copy.nbytes
             if self.limit is None and kind == "block":
                 self.limit = max(self.budget, 2 * self.num_experts * copy.nbytes)
-        except Exception as exc:  # our bug: never break a load over the fold
-            return self._fail(exc, [(name, tensor)])
+        except Exception as exc:  # our bug: never break a load over the fold; the new piece goes last
+            return [*self._fail(exc, []), (name, tensor)]
         out: list[tuple[str, Any]] = []
-        if len(pieces) == len(_ORDER):
-            del self.waiting[key]
-            self.sent.pop(key, None)
-            self.ready.append((key, pieces))
-            if len(self.ready) >= self.num_experts:
-                out = self._fold_ready()
-        while self.error is None and self.limit is not None and self.bytes > self.limit:
-            if self.ready:
-                out.extend(self._fold_ready())
-            elif len(self.waiting) > 1:
-                out.extend(self._let_go(next(iter(self.waiting))))
-            else:
-                break
+        try:
+            if len(pieces) == len(_ORDER):
+                del self.waiting[key]
+                self.sent.pop(key, None)
+                self.ready.append((key, pieces))
+                if len(self.ready) >= self.num_experts:
+                    out = self._fold_ready()
+            while self.error is None and self.limit is not None and self.bytes > self.limit:
+                if self.ready:
+                    out.extend(self._fold_ready())
+                elif len(self.waiting) > 1:
+                    out.extend(self._let_go(next(iter(self.waiting))))
+                else:
+                    break
+        except Exception as exc:
+            return self._fail(exc, out)
         return out
 
     def flush(self) -> list[tuple[str, Any]]:
@@ -331,10 +342,11 @@ class Folder:
         try:
             for key, pieces in self.waiting.items():
                 sent = self.sent.setdefault(key, set())
-                for piece, (name, copy, value) in pieces.items():
-                    if piece not in sent:
-                        out.append((name, self._as_decided(key, piece, copy, value)))
-                        sent.add(piece)
+                items = [
+                    (piece, name, copy, value) for piece, (name, copy, value) in pieces.items() if piece not in sent
+                ]
+                out += self._as_decided(key, items)
+                sent.update(piece for piece, *_ in items)
         except Exception as exc:
             return self._fail(exc, out)
         return out
@@ -362,19 +374,50 @@ class Folder:
             return bool(tensor.dtype == torch.float8_e4m3fn and tensor.dim() == 2)
         return bool(tensor.numel() == 1 and tensor.dtype.is_floating_point)
 
-    def _as_decided(self, key: tuple[str, int], piece: tuple[str, str], copy: Any, value: float) -> Any:
+    def _as_decided(
+        self, key: tuple[str, int], items: list[tuple[tuple[str, str], str, Any, float]]
+    ) -> list[tuple[str, Any]]:
+        """Pieces of one expert sent without all their partners (``(piece, name, tensor, value)``), folded
+        to the common scale of the expert's last fold, so what vLLM holds of it keeps agreeing: global
+        scales become the common one and block scales come rescaled to it, by their own global scale
+        (a new one, if it came along).  A side whose block scales the common scale cannot hold, or
+        whose global scale changed without its block scales, goes as it is; gate's ends the fold."""
         decided = self.decided.get(key)
         if decided is None:
-            return copy
+            return [(name, t) for _, name, t, _ in items]
         g_stored, u_stored, shift, common = decided
-        proj, kind = piece
-        if kind == "global":
-            same = value == (g_stored if proj == "gate_proj" else u_stored)
-            return _torch().full_like(copy, common) if same else copy
-        if proj == "gate_proj":
-            return _tensor(_rescale(_codes(copy), 2.0**-shift), copy) if shift else copy
-        ratio = (common / u_stored) if self.reciprocal else (u_stored / common)  # up / c
-        return _tensor(_rescale(_codes(copy), ratio), copy)
+        given = {piece: (t, value) for piece, _, t, value in items}
+
+        def ratio(stored: float) -> float:  # own scale / common
+            return (common / stored) if self.reciprocal else (stored / common)
+
+        def side(block: tuple[str, str], scale: tuple[str, str], stored: float) -> float | None:
+            """The factor for this side's block scales, or None if it cannot be folded to the common scale."""
+            value = given[scale][1] if scale in given else stored
+            if block not in given:
+                return ratio(stored) if value == stored else None
+            return ratio(value) if _fits_common(_codes(given[block][0]), ratio(value)) else None
+
+        gate, up = side(_ORDER[0], _ORDER[1], g_stored), side(_ORDER[2], _ORDER[3], u_stored)
+        if gate is None:
+            del self.decided[key]
+            return [(name, t) for _, name, t, _ in items]
+        full_like = _torch().full_like
+        out: list[tuple[str, Any]] = []
+        for piece, name, t, _ in items:
+            factor = gate if piece[0] == "gate_proj" else up
+            if factor is None:
+                out.append((name, t))
+            elif piece[1] == "global":
+                out.append((name, full_like(t, common)))
+            elif factor == 1.0:
+                out.append((name, t))
+            else:
+                out.append((name, _tensor(_rescale(_codes(t), factor), t)))
+        g = given[_ORDER[1]][1] if _ORDER[1] in given else g_stored
+        u = given[_ORDER[3]][1] if up is not None and _ORDER[3] in given else u_stored
+        self.decided[key] = (g, u, shift, common)  # what the expert's pieces in vLLM now stand for
+        return out
 
     def _let_go(self, key: tuple[str, int]) -> list[tuple[str, Any]]:
         pieces = self.waiting.pop(key)
@@ -382,7 +425,7 @@ class Folder:
         self.bytes -= sum(copy.nbytes for _, copy, _ in pieces.values())
         self.result.left += 1
         self.gone.add(key)
-        return [(name, self._as_decided(key, p, copy, v)) for p, (name, copy, v) in pieces.items() if p not in sent]
+        return self._as_decided(key, [(p, name, copy, v) for p, (name, copy, v) in pieces.items() if p not in sent])
 
     def _fold_ready(self) -> list[tuple[str, Any]]:
         """Fold the complete experts as one batch; forward all four pieces of each."""
@@ -410,6 +453,8 @@ class Folder:
                     (u_name, full_like(u_t, f.common)),
                 ]
         except Exception as exc:
+            for key, _ in batch:
+                self.decided.pop(key, None)
             return self._fail(exc, [piece for four in raw for piece in four])
         # only now, with every expert's pieces in hand: an error above leaves the batch as it was read
         result = self.result
@@ -424,14 +469,21 @@ class Folder:
         return out
 
     def _fail(self, exc: Exception, out: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        """Turn off; everything waiting is forwarded as it is, so no expert is left half-folded."""
+        """Turn off; everything waiting is forwarded, so no expert is left half-folded: complete experts
+        as they are (their last fold forgotten), the pieces of others as that fold had them if that
+        still works, else as they are."""
         self.error = f"{type(exc).__name__}: {exc}"
-        rest = [
-            (name, copy)
-            for key, pieces in self.waiting.items()
-            for piece, (name, copy, _) in pieces.items()
-            if piece not in self.sent.get(key, set())
-        ]
-        rest += [piece for _, pieces in self.ready for piece in (pieces[p][:2] for p in _ORDER)]
+        rest: list[tuple[str, Any]] = []
+        for key, pieces in self.waiting.items():
+            sent = self.sent.get(key, set())
+            items = [(piece, name, copy, v) for piece, (name, copy, v) in pieces.items() if piece not in sent]
+            try:
+                rest += self._as_decided(key, items)
+            except Exception:
+                self.decided.pop(key, None)
+                rest += [(name, copy) for _, name, copy, _ in items]
+        for key, pieces in self.ready:
+            self.decided.pop(key, None)
+            rest += [pieces[p][:2] for p in _ORDER]
         self._forget()
         return out + rest

@@ -377,3 +377,134 @@ def test_pieces_whose_partner_never_comes_are_still_forwarded(calls: int) -> Non
         f"{P.format(0)}.1.{p}" for p in ("gate_proj.weight_scale", "gate_proj.weight_scale_2", "up_proj.weight_scale")
     ]
     assert all(got[n] == raw[n] for n in partners)
+
+
+# -- updates that re-send part of an expert folded before: what vLLM holds must stay right ---------------
+class Model:
+    """What a checkpoint says (the last tensor sent under each name) next to what vLLM holds (the last
+    one forwarded), and how vLLM dequantizes w13: both halves at gate's global scale."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, torch.Tensor] = {}
+        self.held: dict[str, torch.Tensor] = {}
+
+    def call(self, ts: list[tuple[str, torch.Tensor]], folder: Folder, *, full: bool = False) -> None:
+        self.sent.update((canonical(n), t) for n, t in ts)
+        for name, t in rewrite(ts, Ledger(MODELOPT, 4), scalar=torch.Tensor.item, fold=folder, final=full):
+            self.held[name] = t.clone()
+
+    def take(self, folder: Folder, ts: list[tuple[str, torch.Tensor]]) -> None:
+        """Pieces straight into the Folder (no end of call)."""
+        kinds = {"weight_scale": "block", "weight_scale_2": "global"}
+        for n, t in ts:
+            self.sent[canonical(n)] = t
+            proj, expert, suffix = n.split(".")[-3], int(n.split(".")[-2]), n.rsplit(".", 1)[1]
+            value = float(t) if kinds[suffix] == "global" else None
+            for name, out in folder.take(P.format(0), expert, proj, kinds[suffix], canonical(n), t, value):
+                self.held[name] = out.clone()
+
+    def errors(self, e: int) -> tuple[float, float]:
+        """Relative error of expert ``e``'s gate and up as vLLM dequantizes what it holds."""
+        base = f"{P.format(0)}.{e}."
+        g2 = float(self.held[base + "gate_proj.weight_scale_2"])
+        out = []
+        for proj in ("gate_proj", "up_proj"):
+            b = base + proj
+            want = checkpoints.dequantize(
+                self.sent[b + ".weight"], self.sent[b + ".weight_scale"], float(self.sent[b + ".weight_scale_2"])
+            )
+            out.append(rel(checkpoints.dequantize(self.held[b + ".weight"], self.held[b + ".weight_scale"], g2), want))
+        return out[0], out[1]
+
+
+def side(
+    e: int, proj: str, seed: int, suffixes: tuple[str, ...] = ("weight", "weight_scale", "weight_scale_2")
+) -> list:
+    """Expert ``e``'s tensors of one projection from another export (new scales; up's well below the
+    first export's), in checkpoint order."""
+    x = expert(0.7, seed=seed)
+    packed, scales, s2 = (x["gp"], x["gs"], x["g2"]) if proj == "gate_proj" else (x["up"], x["us"], x["u2"])
+    by = {"weight": packed, "weight_scale": scales, "weight_scale_2": torch.tensor(s2, dtype=torch.float32)}
+    return [(f"{P.format(0)}.{proj}.{e}.{s}", by[s]) for s in suffixes]
+
+
+def folded_model(**folder: Any) -> tuple[Model, Folder]:
+    model, f = Model(), Folder(reciprocal=False, **{"num_experts": 4, **folder})
+    model.call(layer_tensors(layers=1), f, full=True)
+    assert f.decided[(P.format(0), 1)][2] == 1  # expert 1's fold shifted gate: the case that can go wrong
+    assert max(model.errors(1)) <= 0.04
+    return model, f
+
+
+@pytest.mark.parametrize("proj", ["gate_proj", "up_proj"])
+def test_an_update_of_one_projection_of_a_folded_expert_keeps_it_right(proj: str) -> None:
+    """New weights and scales for gate (or up) alone: folded to the expert's standing common scale."""
+    model, folder = folded_model()
+    g_stored, u_stored, _, _ = folder.decided[(P.format(0), 1)]
+    model.call(side(1, proj, seed=99), folder)
+    sent = float(model.sent[f"{P.format(0)}.1.{proj}.weight_scale_2"])
+    assert sent != (g_stored if proj == "gate_proj" else u_stored)  # a new global scale came along
+    assert max(model.errors(1)) <= 0.04
+    model.call(side(1, proj, seed=99, suffixes=("weight_scale_2",)), folder)  # and that scale once more, alone
+    assert max(model.errors(1)) <= 0.04
+
+
+def test_a_piece_of_an_expert_let_go_over_the_budget_goes_as_its_fold_had_it() -> None:
+    model, folder = folded_model(budget=0)
+    folder.num_experts = 1  # a budget of two block scales: a third waiting lets the oldest go
+    folder.limit = None
+    gate_block = side(1, "gate_proj", seed=1, suffixes=("weight_scale",))
+    model.take(folder, [(n, model.sent[canonical(n)]) for n, _ in gate_block])  # re-sent, unchanged
+    for e in (2, 3):
+        name = f"{P.format(0)}.gate_proj.{e}.weight_scale"
+        model.take(folder, [(name, model.sent[canonical(name)])])
+    assert (P.format(0), 1) in folder.gone
+    name = f"{P.format(0)}.gate_proj.1.weight_scale_2"
+    model.take(folder, [(name, model.sent[canonical(name)])])  # its partner, after it was let go
+    assert max(model.errors(1)) <= 0.04
+
+
+def test_an_internal_error_forwards_waiting_pieces_as_their_fold_had_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vllm_modelopt_shim.harmonize as harmonize
+
+    model, folder = folded_model()
+    name = f"{P.format(0)}.gate_proj.1.weight_scale"
+    model.take(folder, [(name, model.sent[canonical(name)])])  # an update re-sends one piece: it waits
+    monkeypatch.setattr(harmonize, "fold_tensors", lambda *a, **k: 1 / 0)
+    model.call([(n, t) for n, t in layer_tensors(layers=1) if ".3." in n], folder)  # expert 3 whole: fold fails
+    assert folder.error is not None and "ZeroDivisionError" in folder.error
+    assert max(model.errors(1)) <= 0.04
+    assert (P.format(0), 3) not in folder.decided  # forwarded as read: its earlier fold no longer holds
+
+
+def test_a_second_copy_that_cannot_be_held_still_goes_last() -> None:
+    class Unclonable(torch.Tensor):
+        def clone(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("injected")
+
+    folder = Folder(reciprocal=False, num_experts=4)
+    ((name, old),) = side(0, "gate_proj", seed=1, suffixes=("weight_scale",))
+    ((_, new),) = side(0, "gate_proj", seed=2, suffixes=("weight_scale",))
+    assert folder.take(P.format(0), 0, "gate_proj", "block", canonical(name), old, None) == []
+    out = folder.take(P.format(0), 0, "gate_proj", "block", canonical(name), new.as_subclass(Unclonable), None)
+    assert folder.error is not None and "injected" in folder.error
+    assert out[-1][0] == canonical(name) and torch.equal(out[-1][1].view(torch.uint8), new.view(torch.uint8))
+
+
+def test_new_block_scales_the_common_scale_cannot_hold_go_as_sent() -> None:
+    """Rescaled to the standing common scale they would pass fp8's 448: loaded as the update has them."""
+    model, folder = folded_model()
+    common = folder.decided[(P.format(0), 1)][3]
+    update = side(1, "up_proj", seed=5, suffixes=("weight_scale", "weight_scale_2"))
+    update[1] = (update[1][0], torch.tensor(common * 4, dtype=torch.float32))  # 448-scale blocks: 4 x 448 > 448
+
+    def raw(t: torch.Tensor) -> list[int]:
+        return t.reshape(-1).view(torch.uint8).tolist()
+
+    before = {n: raw(t) for n, t in model.held.items() if ".gate_proj." in n}
+    model.call(update, folder)
+    for n, t in update:
+        assert (
+            model.held[canonical(n)].reshape(-1).view(torch.uint8).tolist() == t.reshape(-1).view(torch.uint8).tolist()
+        )
+    assert all(raw(model.held[n]) == t for n, t in before.items())  # gate as its fold had it
