@@ -322,7 +322,7 @@ def _raise(problem: CheckpointError) -> None:
 
 
 def _log_problem(problem: CheckpointError) -> None:
-    logger.warning("vllm-modelopt-shim: %s (VLLM_MODELOPT_SHIM_VERIFY=warn: not refused)", problem)
+    logger.warning("vllm-modelopt-shim: %s (VLLM_MODELOPT_SHIM_VERIFY=warn: the load goes on)", problem)
 
 
 def _summary(ledger: Ledger, mode: str, problems: int, harmonized: Any, full: bool) -> None:
