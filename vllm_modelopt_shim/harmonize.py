@@ -273,8 +273,8 @@ class Folder:
         self.waiting: dict[tuple[str, int], Pieces] = {}
         self.sent: dict[tuple[str, int], set[tuple[str, str]]] = {}  # pieces of waiting experts already forwarded
         self.ready: list[tuple[tuple[str, int], Pieces]] = []  # complete, to be folded in the next batch
-        #: expert -> (gate, up global scale as stored, shift, common scale as stored) of its last fold
-        self.decided: dict[tuple[str, int], tuple[float, float, int, float]] = {}
+        #: expert -> (gate, up global scale as stored, common scale as stored) its pieces in vLLM stand for
+        self.decided: dict[tuple[str, int], tuple[float, float, float]] = {}
         self.gone: set[tuple[str, int]] = set()  # let go over the bound: their pieces pass as they are
         self.bytes = 0
         self.limit: int | None = None
@@ -385,7 +385,7 @@ class Folder:
         decided = self.decided.get(key)
         if decided is None:
             return [(name, t) for _, name, t, _ in items]
-        g_stored, u_stored, shift, common = decided
+        g_stored, u_stored, common = decided
         given = {piece: (t, value) for piece, _, t, value in items}
 
         def ratio(stored: float) -> float:  # own scale / common
@@ -416,7 +416,7 @@ class Folder:
                 out.append((name, _tensor(_rescale(_codes(t), factor), t)))
         g = given[_ORDER[1]][1] if _ORDER[1] in given else g_stored
         u = given[_ORDER[3]][1] if up is not None and _ORDER[3] in given else u_stored
-        self.decided[key] = (g, u, shift, common)  # what the expert's pieces in vLLM now stand for
+        self.decided[key] = (g, u, common)  # what the expert's pieces in vLLM now stand for
         return out
 
     def _let_go(self, key: tuple[str, int]) -> list[tuple[str, Any]]:
@@ -465,7 +465,7 @@ class Folder:
         for key, pieces, f in decided:
             result.worst_before = max(result.worst_before, f.before)
             result.worst_after = max(result.worst_after, f.after)
-            self.decided[key] = (pieces[_ORDER[1]][2], pieces[_ORDER[3]][2], f.shift, f.common)
+            self.decided[key] = (pieces[_ORDER[1]][2], pieces[_ORDER[3]][2], f.common)
         return out
 
     def _fail(self, exc: Exception, out: list[tuple[str, Any]]) -> list[tuple[str, Any]]:

@@ -431,7 +431,8 @@ def side(
 def folded_model(**folder: Any) -> tuple[Model, Folder]:
     model, f = Model(), Folder(reciprocal=False, **{"num_experts": 4, **folder})
     model.call(layer_tensors(layers=1), f, full=True)
-    assert f.decided[(P.format(0), 1)][2] == 1  # expert 1's fold shifted gate: the case that can go wrong
+    g_stored, _, common = f.decided[(P.format(0), 1)]
+    assert common == 2 * g_stored  # expert 1's fold shifted gate (k = 1): the case that can go wrong
     assert max(model.errors(1)) <= 0.04
     return model, f
 
@@ -440,7 +441,7 @@ def folded_model(**folder: Any) -> tuple[Model, Folder]:
 def test_an_update_of_one_projection_of_a_folded_expert_keeps_it_right(proj: str) -> None:
     """New weights and scales for gate (or up) alone: folded to the expert's standing common scale."""
     model, folder = folded_model()
-    g_stored, u_stored, _, _ = folder.decided[(P.format(0), 1)]
+    g_stored, u_stored, _ = folder.decided[(P.format(0), 1)]
     model.call(side(1, proj, seed=99), folder)
     sent = float(model.sent[f"{P.format(0)}.1.{proj}.weight_scale_2"])
     assert sent != (g_stored if proj == "gate_proj" else u_stored)  # a new global scale came along
@@ -494,7 +495,7 @@ def test_a_second_copy_that_cannot_be_held_still_goes_last() -> None:
 def test_new_block_scales_the_common_scale_cannot_hold_go_as_sent() -> None:
     """Rescaled to the standing common scale they would pass fp8's 448: loaded as the update has them."""
     model, folder = folded_model()
-    common = folder.decided[(P.format(0), 1)][3]
+    common = folder.decided[(P.format(0), 1)][2]
     update = side(1, "up_proj", seed=5, suffixes=("weight_scale", "weight_scale_2"))
     update[1] = (update[1][0], torch.tensor(common * 4, dtype=torch.float32))  # 448-scale blocks: 4 x 448 > 448
 
