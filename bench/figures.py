@@ -47,6 +47,9 @@ def paired(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> dict[str, Any
         # (stock + the shim's own seconds) / stock, medians: what the shim adds by its own clock, free of
         # the spread of the stock loads that dominates the paired ratios on a noisy machine
         "own_ratio": 1 + statistics.median(shim_s) / statistics.median(b["load_s"] for b in off),
+        # Python's garbage collections during load_weights, [gen 0, 1, 2] and seconds, per load
+        "shim_gc": [[*a["gc_collections"], round(a["gc_s"], 3)] for a in on],
+        "stock_gc": [[*b["gc_collections"], round(b["gc_s"], 3)] for b in off],
     }
 
 
@@ -81,6 +84,8 @@ def table(figures: dict[str, Any], quick: bool) -> str:
         f"{statistics.median(real['stock_load_s']):.2f} s, paired ratios {real['paired_ratios']}; shim time "
         f"{real['shim_s']} s (stock + own over stock {real['own_ratio']:.3f} x); peak RSS shim "
         f"{real['shim_maxrss_mib']}, stock {real['stock_maxrss_mib']} MiB",
+        f"  garbage collections while loading, [gen 0, 1, 2, seconds] per load: census shim {census['shim_gc']}, "
+        f"stock {census['stock_gc']}; real size shim {real['shim_gc']}, stock {real['stock_gc']}",
         f"  fold (the Folder taking one layer's {fold['pieces']} gate/up scale pieces): {fold['experts']} experts, "
         f"{fold['changed']} changed, {fold['seconds']} s, extra peak {fold['extra_peak_mib']:.1f} MiB",
         f"  stream ({stream['tensors']} tensors, in memory): "

@@ -10,6 +10,7 @@ Each prints one line ``BENCH-RESULT {json}``.  PYTHONPATH alone decides whether 
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import statistics
@@ -39,16 +40,31 @@ def load(ckpt: str) -> dict[str, Any]:
     model, loader, vllm_config = harness.build(ckpt)
     patch = sys.modules.get("vllm_modelopt_shim.patch")
     shim = patch is not None and patch.is_applied()
-    with set_current_vllm_config(vllm_config):
-        started, cpu = time.perf_counter(), time.process_time()
-        loader.load_weights(model, vllm_config.model_config)
-        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    collections, gc_s = [0, 0, 0], [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:  # Python's collections while loading, by generation
+        if phase == "start":
+            gc_s.append(-time.perf_counter())
+        else:
+            gc_s[0] += time.perf_counter() + gc_s.pop()
+            collections[info["generation"]] += 1
+
+    gc.callbacks.append(on_gc)
+    try:
+        with set_current_vllm_config(vllm_config):
+            started, cpu = time.perf_counter(), time.process_time()
+            loader.load_weights(model, vllm_config.model_config)
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        gc.callbacks.remove(on_gc)
     result: dict[str, Any] = {
         "ckpt": ckpt,
         "shim": shim,
         "load_s": elapsed,
         "load_cpu_s": cpu,
         "maxrss_mib": _peak_mib(),
+        "gc_collections": collections,
+        "gc_s": gc_s[0],
         "vllm": version("vllm"),
         "torch": torch.__version__,
         "python": sys.version.split()[0],

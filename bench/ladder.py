@@ -1,0 +1,77 @@
+"""Where the census load's overhead comes from: the shim's layers added one at a time, against stock.
+
+    python3 bench/ladder.py [--reps 5] [--json bench/out/ladder.json]    # ~17 min for 5 reps here
+
+Four variants of the census load (bench/workloads.py), one fresh interpreter each, rotated every
+rep: stock vLLM; a pass-through generator at the shim's hook point (bench/passthrough); the shim
+with verification and harmonization off on canonical names (parse, rename, record: the stream
+alone); the shim's defaults on legacy names (what users run).  Per variant, the median of the
+ratios paired with the stock load of the same rep, the shim's own seconds, and Python's garbage
+collections during the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run  # noqa: E402
+
+
+def variants() -> dict[str, tuple[dict[str, str], str]]:
+    """name -> (environment, checkpoint layout)."""
+    bare = {"VLLM_MODELOPT_SHIM_VERIFY": "off", "VLLM_MODELOPT_SHIM_HARMONIZE": "0"}
+    return {
+        "stock": (run.base_env(), "canonical"),
+        "pass-through": ({**run.base_env(), "PYTHONPATH": str(HERE / "passthrough")}, "canonical"),
+        "stream alone": ({**run.shim_env(), **bare}, "canonical"),
+        "defaults": (run.shim_env(), "legacy"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", metavar="OUT")
+    args = parser.parse_args(argv)
+    python = run.vllm_python()
+    census = run.prepare(python, "census")
+    table = variants()
+    names = list(table)
+    loads: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for rep in range(args.reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            env, layout = table[name]
+            r = run.measure(python, ["load", census[layout]], env)
+            loads[name].append(r)
+            run.log(f"{rep + 1}/{args.reps} {name}: load_weights {r['load_s']:.2f} s, shim {r.get('shim_s', 0):.2f} s, "
+                    f"collections {r['gc_collections']} in {r['gc_s']:.2f} s")  # fmt: skip
+    stock = [r["load_s"] for r in loads["stock"]]
+    out: dict[str, Any] = {}
+    for name in names:
+        rs = loads[name]
+        out[name] = {
+            "ratio": statistics.median(r["load_s"] / s for r, s in zip(rs, stock, strict=True)),
+            "load_s": statistics.median(r["load_s"] for r in rs),
+            "shim_s": statistics.median(r.get("shim_s", 0.0) for r in rs),
+            "gc_s": statistics.median(r["gc_s"] for r in rs),
+            "gc_collections": [statistics.median(r["gc_collections"][g] for r in rs) for g in range(3)],
+            "loads": rs,
+        }
+        o = out[name]
+        print(f"{name:13s} ratio {o['ratio']:.3f}  load {o['load_s']:.2f} s  shim {o['shim_s']:.2f} s  "
+              f"collections {o['gc_collections']} in {o['gc_s']:.2f} s")  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
