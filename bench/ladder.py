@@ -1,6 +1,6 @@
 """Where the census load's overhead comes from: the shim's layers added one at a time, against stock.
 
-    python3 bench/ladder.py [--reps 5] [--json bench/out/ladder.json]    # ~17 min for 5 reps here
+    python3 bench/ladder.py [--reps 5] [--json bench/out/ladder.json]    # ~3 min per rep here
 
 Four variants of the census load (bench/workloads.py), one fresh interpreter each, rotated every
 rep: stock vLLM; a pass-through generator at the shim's hook point (bench/passthrough); the shim
@@ -24,14 +24,14 @@ sys.path.insert(0, str(HERE))
 import run  # noqa: E402
 
 
-def variants() -> dict[str, tuple[dict[str, str], str]]:
-    """name -> (environment, checkpoint layout)."""
+def variants() -> dict[str, tuple[dict[str, str], str, tuple[bool, bool]]]:
+    """name -> (environment, checkpoint layout, (shim armed, pass-through armed) as the load must report)."""
     bare = {"VLLM_MODELOPT_SHIM_VERIFY": "off", "VLLM_MODELOPT_SHIM_HARMONIZE": "0"}
     return {
-        "stock": (run.base_env(), "canonical"),
-        "pass-through": ({**run.base_env(), "PYTHONPATH": str(HERE / "passthrough")}, "canonical"),
-        "stream alone": ({**run.shim_env(), **bare}, "canonical"),
-        "defaults": (run.shim_env(), "legacy"),
+        "stock": (run.base_env(), "canonical", (False, False)),
+        "pass-through": ({**run.base_env(), "PYTHONPATH": str(HERE / "passthrough")}, "canonical", (False, True)),
+        "stream alone": ({**run.shim_env(), **bare}, "canonical", (True, False)),
+        "defaults": (run.shim_env(), "legacy", (True, False)),
     }
 
 
@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     loads: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for rep in range(args.reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            env, layout = table[name]
+            env, layout, armed = table[name]
             r = run.measure(python, ["load", census[layout]], env)
+            if (r["shim"], r["passthrough"]) != armed:
+                raise run.BenchError(f"{name}: the load reports shim={r['shim']}, pass-through={r['passthrough']}")
             loads[name].append(r)
             run.log(f"{rep + 1}/{args.reps} {name}: load_weights {r['load_s']:.2f} s, shim {r.get('shim_s', 0):.2f} s, "
                     f"collections {r['gc_collections']} in {r['gc_s']:.2f} s")  # fmt: skip
