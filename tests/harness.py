@@ -353,7 +353,7 @@ def load(model: Any, loader: Any, vllm_config: Any, calls: str) -> None:
 def _break_fold() -> None:
     import vllm_modelopt_shim.harmonize as harmonize
 
-    real, calls = harmonize.fold_tensors, []
+    real, calls = harmonize.fold_many, []
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
@@ -361,7 +361,7 @@ def _break_fold() -> None:
             raise RuntimeError("injected by HARNESS_BREAK=fold")
         return real(*args, **kwargs)
 
-    harmonize.fold_tensors = broken  # type: ignore[assignment]
+    harmonize.fold_many = broken  # type: ignore[assignment]
 
 
 def run_one(ckpt: str) -> dict[str, Any]:

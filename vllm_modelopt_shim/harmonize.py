@@ -24,7 +24,8 @@ emitted again, folded, once their partners arrive).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 from typing import Any
 
 __all__ = ["FP8_MAX", "Folder", "Result", "fold", "fold_many", "fold_tensors"]
@@ -241,14 +242,46 @@ def fold(gate: Any, up: Any, g_stored: float, u_stored: float, *, reciprocal: bo
     return fold_tensors([(gate, up, g_stored, u_stored)], reciprocal=reciprocal)[0]
 
 
-Pieces = dict[tuple[str, str], tuple[str, Any, float]]  # (proj, kind) -> (vLLM name, copy, value)
-_ORDER = (("gate_proj", "block"), ("gate_proj", "global"), ("up_proj", "block"), ("up_proj", "global"))
+#: (projection, kind) -> the piece's slot in a waiting expert
+_SLOTS = {("gate_proj", "block"): 0, ("gate_proj", "global"): 1, ("up_proj", "block"): 2, ("up_proj", "global"): 3}
+#: A waiting expert is one flat list, one object for Python's collector however many pieces it holds (a
+#: layer's worth of small objects per MoE layer made vLLM's process run a full collection during a load):
+#: per slot its vLLM name (None: not held), data (block scales: a uint8 numpy copy of their codes; global
+#: scales: None, their value will do), (dtype, shape, device) and value, then the bits of slots already
+#: forwarded.
+_NAME, _DATA, _META, _VALUE, _SENT = 0, 4, 8, 12, 16
+#: expert indices the Folder keeps state for; anything beyond passes as it is (verify reports it)
+_MOST_EXPERTS = 1 << 16
+
+Held = list[Any]
+Key = tuple[str, int]
+Items = list[tuple[int, str, Any, float]]  # (slot, vLLM name, tensor, value) of pieces sent without a fold
 
 
-def _inputs(pieces: Pieces) -> tuple[Any, Any, float, float]:
-    """An expert's four pieces as the fold takes them: gate and up block scales, their global scales."""
-    (_, gate, _), (_, _, g), (_, up, _), (_, _, u) = (pieces[p] for p in _ORDER)
-    return gate, up, g, u
+def _nbytes(held: Held, slot: int) -> int:
+    data = held[_DATA + slot]
+    return 8 if data is None else int(data.nbytes)
+
+
+def _copy(t: Any) -> Any:
+    """fp8 block scales as a uint8 numpy copy of their codes."""
+    t = t.detach() if t.requires_grad else t
+    return (t if t.device.type == "cpu" else t.cpu()).view(_torch().uint8).numpy().copy()
+
+
+def _piece(held: Held, slot: int, data: Any, value: float) -> Any:
+    """A tensor like the piece held in ``slot``: block scales from fp8 codes, a global scale from its value."""
+    dtype, shape, device = held[_META + slot]
+    torch = _torch()
+    if data is None:
+        return torch.full(shape, value, dtype=dtype, device=device)
+    t = torch.from_numpy(data).view(dtype)
+    return t if device.type == "cpu" else t.to(device)
+
+
+def _restore(held: Held, slot: int) -> Any:
+    """A held piece as it was read (a global scale from its value: the same bits, but for a NaN's payload)."""
+    return _piece(held, slot, held[_DATA + slot], held[_VALUE + slot])
 
 
 class Folder:
@@ -258,24 +291,26 @@ class Folder:
     and returns what to forward now.  An expert's pieces wait, as copies (some readers reuse their
     buffers), until all four are in; complete experts wait a little longer, until a batch of
     ``num_experts`` (one MoE layer, in checkpoint order) is ready, and are folded together and
-    forwarded: the fold's table work costs per batch, not per expert.  ``flush`` (end of a call)
-    folds what is ready and forwards the incomplete pieces as they are, keeping them for a later
-    call.  At most ``limit`` bytes wait (``budget``, or one MoE layer's gate and up block scales if
-    that is more); past that, ready experts are folded early and then the oldest incomplete expert
-    is let go as it is.  An internal error turns the folder off: everything waiting, and every
-    later piece, passes as the checkpoint holds it.
+    forwarded expert by expert as vLLM takes them: the fold's table work costs per batch, and no
+    layer's worth of new tensors is alive at once.  ``flush`` (end of a call) folds what is ready
+    and forwards the incomplete pieces as they are, keeping them for a later call.  At most
+    ``limit`` bytes wait (``budget``, or one MoE layer's gate and up block scales if that is more);
+    past that, ready experts are folded early and then the oldest incomplete expert is let go as it
+    is.  An internal error turns the folder off: everything waiting, and every later piece, passes
+    as the checkpoint holds it.
     """
 
     def __init__(self, *, reciprocal: bool, num_experts: int | None, budget: int = BUDGET) -> None:
         self.reciprocal = reciprocal
         self.num_experts = num_experts or 256
         self.budget = budget
-        self.waiting: dict[tuple[str, int], Pieces] = {}
-        self.sent: dict[tuple[str, int], set[tuple[str, str]]] = {}  # pieces of waiting experts already forwarded
-        self.ready: list[tuple[tuple[str, int], Pieces]] = []  # complete, to be folded in the next batch
-        #: expert -> (gate, up global scale as stored, common scale as stored) its pieces in vLLM stand for
-        self.decided: dict[tuple[str, int], tuple[float, float, float]] = {}
-        self.gone: set[tuple[str, int]] = set()  # let go over the bound: their pieces pass as they are
+        self.waiting: dict[Key, Held] = {}
+        self.ready: list[tuple[Key, Held]] = []  # complete, to be folded in the next batch
+        #: MoE layer -> per expert (gate, up global scale as stored, common scale as stored): what its pieces in
+        #: vLLM stand for since its last fold (common NaN: no fold holds)
+        self.decided: dict[str, list[float]] = {}
+        self.gone: set[Key] = set()  # let go over the bound: their pieces pass as they are
+        self.metas: dict[tuple[Any, Any, Any], tuple[Any, Any, Any]] = {}  # each (dtype, shape, device) kept once
         self.bytes = 0
         self.limit: int | None = None
         self.result = Result()
@@ -286,72 +321,80 @@ class Folder:
         self._forget()
         self.decided.clear()
         self.gone.clear()
+        self.metas.clear()
         self.result = Result()
+
+    def decision(self, prefix: str, expert: int) -> tuple[float, float, float] | None:
+        """(gate, up global scale as stored, common scale as stored) of the expert's last fold that still holds."""
+        row, at = self.decided.get(prefix), 3 * expert
+        if row is None or at + 3 > len(row) or math.isnan(row[at + 2]):
+            return None
+        return row[at], row[at + 1], row[at + 2]
 
     def take(
         self, prefix: str, expert: int, proj: str, kind: str, name: str, tensor: Any, value: float | None
-    ) -> list[tuple[str, Any]]:
+    ) -> Iterable[tuple[str, Any]]:
         key = (prefix, expert)
-        if self.error is not None or not self._fits(kind, tensor):
+        if self.error is not None or not 0 <= expert < _MOST_EXPERTS or not self._fits(kind, tensor):
             return [(name, tensor)]
         try:
             if value is None:  # the stream reads global scales; block scales need no value
                 value = float(tensor.reshape(-1)[0]) if kind == "global" else 0.0
-            piece = (proj, kind)
+            slot = _SLOTS[proj, kind]
             if key in self.gone:  # let go over the bound: its pieces pass at once, as its last fold had them
-                return self._as_decided(key, [(piece, name, tensor, value)])
-            copy = (tensor.detach() if tensor.requires_grad else tensor).clone()  # before anything changes
-            pieces = self.waiting.get(key)
-            if pieces is None:
-                pieces = self.waiting[key] = {}
-            elif piece in pieces:  # a second copy (a later update): it replaces the first
-                self.bytes -= pieces[piece][1].nbytes
-                self.sent.get(key, set()).discard(piece)
-            pieces[piece] = (name, copy, value)
-            self.bytes += copy.nbytes
-            if self.limit is None and kind == "block":
-                self.limit = max(self.budget, 2 * self.num_experts * copy.nbytes)
+                return self._as_decided(key, [(slot, name, tensor, value)])
+            data = _copy(tensor) if kind == "block" else None  # before anything changes: a global's value will do
+            meta = (tensor.dtype, tensor.shape, tensor.device)
+            meta = self.metas.setdefault(meta, meta)
+            held = self.waiting.get(key)
+            if held is None:
+                held = self.waiting[key] = [None] * _SENT + [0]
+            elif held[slot] is not None:  # a second copy (a later update): it replaces the first
+                self.bytes -= _nbytes(held, slot)
+                held[_SENT] &= ~(1 << slot)
+            held[slot], held[_DATA + slot], held[_META + slot], held[_VALUE + slot] = name, data, meta, value
+            self.bytes += _nbytes(held, slot)
+            if self.limit is None and data is not None:
+                self.limit = max(self.budget, 2 * self.num_experts * data.nbytes)
         except Exception as exc:  # our bug: never break a load over the fold; the new piece goes last
             return [*self._fail(exc, []), (name, tensor)]
-        out: list[tuple[str, Any]] = []
+        out: list[Iterable[tuple[str, Any]]] = []
         try:
-            if len(pieces) == len(_ORDER):
+            if None not in held[:_DATA]:
                 del self.waiting[key]
-                self.sent.pop(key, None)
-                self.ready.append((key, pieces))
+                self.ready.append((key, held))
                 if len(self.ready) >= self.num_experts:
-                    out = self._fold_ready()
+                    out.append(self._fold_ready())
             while self.error is None and self.limit is not None and self.bytes > self.limit:
                 if self.ready:
-                    out.extend(self._fold_ready())
+                    out.append(self._fold_ready())
                 elif len(self.waiting) > 1:
-                    out.extend(self._let_go(next(iter(self.waiting))))
+                    out.append(self._let_go(next(iter(self.waiting))))
                 else:
                     break
         except Exception as exc:
-            return self._fail(exc, out)
-        return out
+            return self._fail(exc, chain.from_iterable(out))
+        return chain.from_iterable(out) if out else []
 
-    def flush(self) -> list[tuple[str, Any]]:
+    def flush(self) -> Iterable[tuple[str, Any]]:
         """End of a call: fold what is ready; forward every waiting piece not yet forwarded, and keep it waiting.
 
         A piece of an expert folded before (a later weight update) is forwarded as that fold had
         it, so the expert's block scales and global scale keep agreeing; any other as it is.
         """
         out = self._fold_ready()
+        rest: list[tuple[str, Any]] = []
         try:
-            for key, pieces in self.waiting.items():
-                sent = self.sent.setdefault(key, set())
-                items = [
-                    (piece, name, copy, value) for piece, (name, copy, value) in pieces.items() if piece not in sent
-                ]
-                out += self._as_decided(key, items)
-                sent.update(piece for piece, *_ in items)
+            for key, held in self.waiting.items():
+                items = self._unsent(held)
+                rest += self._as_decided(key, items)
+                for slot, *_ in items:
+                    held[_SENT] |= 1 << slot
         except Exception as exc:
-            return self._fail(exc, out)
-        return out
+            return self._fail(exc, chain(out, rest))
+        return chain(out, rest)
 
-    def drop(self) -> list[tuple[str, Any]]:
+    def drop(self) -> Iterable[tuple[str, Any]]:
         """End of a full load: like ``flush``, then forget what never met its partners."""
         out = self.flush()
         self.result.left += len(self.waiting)
@@ -361,7 +404,6 @@ class Folder:
     # -- inside --------------------------------------------------------------------------------
     def _forget(self) -> None:
         self.waiting.clear()
-        self.sent.clear()
         self.ready.clear()
         self.bytes = 0
 
@@ -372,118 +414,149 @@ class Folder:
             return False
         if kind == "block":
             return bool(tensor.dtype == torch.float8_e4m3fn and tensor.dim() == 2)
-        return bool(tensor.numel() == 1 and tensor.dtype.is_floating_point)
+        return bool(
+            tensor.numel() == 1 and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+        )
 
-    def _as_decided(
-        self, key: tuple[str, int], items: list[tuple[tuple[str, str], str, Any, float]]
-    ) -> list[tuple[str, Any]]:
-        """Pieces of one expert sent without all their partners (``(piece, name, tensor, value)``), folded
-        to the common scale of the expert's last fold, so what vLLM holds of it keeps agreeing: global
-        scales become the common one and block scales come rescaled to it, by their own global scale
-        (a new one, if it came along).  A side whose block scales the common scale cannot hold, or
-        whose global scale changed without its block scales, goes as it is; gate's ends the fold."""
-        decided = self.decided.get(key)
+    def _decide(self, key: Key, gate: float, up: float, common: float) -> None:
+        row = self.decided.get(key[0])
+        if row is None:
+            row = self.decided[key[0]] = []
+        at = 3 * key[1]
+        if len(row) < at + 3:
+            row.extend([math.nan] * (at + 3 - len(row)))
+        row[at], row[at + 1], row[at + 2] = gate, up, common
+
+    def _undecide(self, key: Key) -> None:
+        row, at = self.decided.get(key[0]), 3 * key[1]
+        if row is not None and at + 3 <= len(row):
+            row[at + 2] = math.nan
+
+    @staticmethod
+    def _unsent(held: Held) -> Items:
+        """The held pieces not yet forwarded, as tensors again."""
+        return [
+            (s, held[s], _restore(held, s), held[_VALUE + s])
+            for s in range(_DATA)
+            if held[s] is not None and not held[_SENT] >> s & 1
+        ]
+
+    def _as_read(self, batch: list[tuple[Key, Held]]) -> list[tuple[str, Any]]:
+        """Complete experts, all four pieces as the checkpoint holds them; their last fold no longer holds."""
+        out: list[tuple[str, Any]] = []
+        for key, held in batch:
+            self._undecide(key)
+            out += [(held[s], _restore(held, s)) for s in range(_DATA)]
+        return out
+
+    def _as_decided(self, key: Key, items: Items) -> list[tuple[str, Any]]:
+        """Pieces of one expert sent without all their partners, folded to the common scale of the expert's
+        last fold, so what vLLM holds of it keeps agreeing: global scales become the common one and block
+        scales come rescaled to it, by their own global scale (a new one, if it came along).  A side whose
+        block scales the common scale cannot hold, or whose global scale changed without its block
+        scales, goes as it is; gate's ends the fold."""
+        decided = self.decision(*key)
         if decided is None:
             return [(name, t) for _, name, t, _ in items]
         g_stored, u_stored, common = decided
-        given = {piece: (t, value) for piece, _, t, value in items}
+        given = {slot: (t, value) for slot, _, t, value in items}
 
         def ratio(stored: float) -> float:  # own scale / common
             return (common / stored) if self.reciprocal else (stored / common)
 
-        def side(block: tuple[str, str], scale: tuple[str, str], stored: float) -> float | None:
+        def side(block: int, stored: float) -> float | None:
             """The factor for this side's block scales, or None if it cannot be folded to the common scale."""
-            value = given[scale][1] if scale in given else stored
+            value = given[block + 1][1] if block + 1 in given else stored
             if block not in given:
                 return ratio(stored) if value == stored else None
             return ratio(value) if _fits_common(_codes(given[block][0]), ratio(value)) else None
 
-        gate, up = side(_ORDER[0], _ORDER[1], g_stored), side(_ORDER[2], _ORDER[3], u_stored)
+        gate, up = side(0, g_stored), side(2, u_stored)
         if gate is None:
-            del self.decided[key]
+            self._undecide(key)
             return [(name, t) for _, name, t, _ in items]
         full_like = _torch().full_like
         out: list[tuple[str, Any]] = []
-        for piece, name, t, _ in items:
-            factor = gate if piece[0] == "gate_proj" else up
+        for slot, name, t, _ in items:
+            factor = gate if slot < 2 else up
             if factor is None:
                 out.append((name, t))
-            elif piece[1] == "global":
+            elif slot % 2:  # a global scale
                 out.append((name, full_like(t, common)))
             elif factor == 1.0:
                 out.append((name, t))
             else:
                 out.append((name, _tensor(_rescale(_codes(t), factor), t)))
-        g = given[_ORDER[1]][1] if _ORDER[1] in given else g_stored
-        u = given[_ORDER[3]][1] if up is not None and _ORDER[3] in given else u_stored
-        self.decided[key] = (g, u, common)  # what the expert's pieces in vLLM now stand for
+        g = given[1][1] if 1 in given else g_stored
+        u = given[3][1] if up is not None and 3 in given else u_stored
+        self._decide(key, g, u, common)  # what the expert's pieces in vLLM now stand for
         return out
 
-    def _let_go(self, key: tuple[str, int]) -> list[tuple[str, Any]]:
-        pieces = self.waiting.pop(key)
-        sent = self.sent.pop(key, set())
-        self.bytes -= sum(copy.nbytes for _, copy, _ in pieces.values())
+    def _let_go(self, key: Key) -> list[tuple[str, Any]]:
+        held = self.waiting.pop(key)
+        self.bytes -= sum(_nbytes(held, s) for s in range(_DATA) if held[s] is not None)
         self.result.left += 1
         self.gone.add(key)
-        return self._as_decided(key, [(p, name, copy, v) for p, (name, copy, v) in pieces.items() if p not in sent])
+        return self._as_decided(key, self._unsent(held))
 
-    def _fold_ready(self) -> list[tuple[str, Any]]:
+    def _fold_ready(self) -> Iterable[tuple[str, Any]]:
         """Fold the complete experts as one batch; forward all four pieces of each."""
         batch, self.ready = self.ready, []
-        raw = [[pieces[p][:2] for p in _ORDER] for _, pieces in batch]
-        for _, pieces in batch:
-            self.bytes -= sum(copy.nbytes for _, copy, _ in pieces.values())
         if not batch:
             return []
+        for _, held in batch:
+            self.bytes -= sum(_nbytes(held, s) for s in range(_DATA))
         try:
-            folded = fold_tensors([_inputs(pieces) for _, pieces in batch], reciprocal=self.reciprocal)
-            full_like = _torch().full_like
-            out: list[tuple[str, Any]] = []
-            decided: list[tuple[tuple[str, int], Pieces, Folded]] = []
-            for (key, pieces), f, four in zip(batch, folded, raw, strict=True):
-                if f is None:
-                    out += four
-                    continue
-                decided.append((key, pieces, f))
-                (gate_name, _), (g_name, g_t), (up_name, _), (u_name, u_t) = four
-                out += [
-                    (gate_name, f.gate),
-                    (g_name, full_like(g_t, f.common)),
-                    (up_name, f.up),
-                    (u_name, full_like(u_t, f.common)),
-                ]
+            inputs = [(h[_DATA], h[_DATA + 2], h[_VALUE + 1], h[_VALUE + 3]) for _, h in batch]
+            folded = fold_many(inputs, reciprocal=self.reciprocal)
+            for (gate, up, _, _), f in zip(inputs, folded, strict=True):
+                if f is not None and (f.gate.shape != gate.shape or f.up.shape != up.shape):
+                    raise ValueError(f"the fold changed block scales of shape {tuple(gate.shape)}")
         except Exception as exc:
-            for key, _ in batch:
-                self.decided.pop(key, None)
-            return self._fail(exc, [piece for four in raw for piece in four])
-        # only now, with every expert's pieces in hand: an error above leaves the batch as it was read
-        result = self.result
-        result.experts += len(batch)
-        result.harmonized += len(decided)
-        for key, _ in batch:
-            self.decided.pop(key, None)
-        for key, pieces, f in decided:
-            result.worst_before = max(result.worst_before, f.before)
-            result.worst_after = max(result.worst_after, f.after)
-            self.decided[key] = (pieces[_ORDER[1]][2], pieces[_ORDER[3]][2], f.common)
-        return out
+            return self._fail(exc, self._as_read(batch))
+        return self._emit(batch, folded)
 
-    def _fail(self, exc: Exception, out: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    def _emit(self, batch: list[tuple[Key, Held]], folded: list[Folded | None]) -> Iterator[tuple[str, Any]]:
+        """Forward a folded batch one expert at a time, recording each fold as its expert goes; an error
+        forwards that expert and the rest of the batch as read."""
+        result = self.result
+        for j, ((key, held), f) in enumerate(zip(batch, folded, strict=True)):
+            try:
+                if f is None:
+                    four = self._as_read([(key, held)])
+                else:
+                    four = [
+                        (held[0], _piece(held, 0, f.gate, 0.0)),
+                        (held[1], _piece(held, 1, None, f.common)),
+                        (held[2], _piece(held, 2, f.up, 0.0)),
+                        (held[3], _piece(held, 3, None, f.common)),
+                    ]
+            except Exception as exc:
+                yield from self._fail(exc, self._as_read(batch[j:]))
+                return
+            result.experts += 1
+            if f is not None:
+                result.harmonized += 1
+                result.worst_before = max(result.worst_before, f.before)
+                result.worst_after = max(result.worst_after, f.after)
+                self._decide(key, held[_VALUE + 1], held[_VALUE + 3], f.common)
+            yield from four
+
+    def _fail(self, exc: Exception, out: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
         """Turn off; everything waiting is forwarded, so no expert is left half-folded: complete experts
         as they are (their last fold forgotten), the pieces of others as that fold had them if that
         still works, else as they are."""
-        self.error = f"{type(exc).__name__}: {exc}"
+        if self.error is None:
+            self.error = f"{type(exc).__name__}: {exc}"
+        sent = list(out)  # what was on its way goes first
         rest: list[tuple[str, Any]] = []
-        for key, pieces in self.waiting.items():
-            sent = self.sent.get(key, set())
-            items = [(piece, name, copy, v) for piece, (name, copy, v) in pieces.items() if piece not in sent]
+        for key, held in self.waiting.items():
+            items = self._unsent(held)
             try:
                 rest += self._as_decided(key, items)
             except Exception:
-                self.decided.pop(key, None)
-                rest += [(name, copy) for _, name, copy, _ in items]
-        for key, pieces in self.ready:
-            self.decided.pop(key, None)
-            rest += [pieces[p][:2] for p in _ORDER]
+                self._undecide(key)
+                rest += [(name, t) for _, name, t, _ in items]
+        rest += self._as_read(self.ready)
         self._forget()
-        return out + rest
+        return sent + rest

@@ -47,6 +47,21 @@ def _raise(problem: CheckpointError) -> None:
     raise problem
 
 
+def _timed(items: Iterable[tuple[str, T]], ledger: Ledger) -> Generator[tuple[str, T], None, None]:
+    """Forward what the fold hands over lazily, its work counted in ``ledger.seconds`` (vLLM's is not)."""
+    clock = perf_counter
+    it = iter(items)
+    while True:
+        started = clock()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            ledger.seconds += clock() - started
+        yield item
+
+
 def rewrite(
     weights: Iterable[tuple[str, T]],
     ledger: Ledger,
@@ -98,7 +113,7 @@ def rewrite(
                 if kind is not None:
                     out = fold.take(parsed.prefix, parsed.expert, parsed.proj, kind, new, tensor, value)  # type: ignore[union-attr]
                     spent += clock() - started
-                    yield from out
+                    yield from out if isinstance(out, list) else _timed(out, ledger)
                     continue
             spent += clock() - started
             yield new, tensor
@@ -106,6 +121,6 @@ def rewrite(
             started = clock()
             rest = fold.drop() if final else fold.flush()
             spent += clock() - started
-            yield from rest
+            yield from _timed(rest, ledger)
     finally:
         ledger.seconds += spent

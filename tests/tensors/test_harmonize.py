@@ -212,7 +212,7 @@ def test_an_internal_error_leaves_every_expert_whole(monkeypatch: pytest.MonkeyP
     """After a failing fold every expert is either fully folded or exactly as the checkpoint holds it."""
     import vllm_modelopt_shim.harmonize as harmonize
 
-    real = harmonize.fold_tensors
+    real = harmonize.fold_many
     seen = []
 
     def breaks(*args: Any, **kwargs: Any) -> Any:
@@ -221,12 +221,12 @@ def test_an_internal_error_leaves_every_expert_whole(monkeypatch: pytest.MonkeyP
             raise RuntimeError("injected")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(harmonize, "fold_tensors", breaks)
+    monkeypatch.setattr(harmonize, "fold_many", breaks)
     ts = layer_tensors()
     folder = Folder(reciprocal=False, num_experts=4)
     got = load([ts], folder, full=True)
     assert folder.error is not None and "injected" in folder.error
-    monkeypatch.setattr(harmonize, "fold_tensors", real)
+    monkeypatch.setattr(harmonize, "fold_many", real)
     raw = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
     good = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
     assert_whole(got, good, raw)
@@ -237,7 +237,7 @@ def test_an_error_half_way_through_a_batch_forwards_the_whole_batch_as_read(monk
     """An error while emitting a folded batch: every expert of it as the checkpoint holds it, none counted."""
     import vllm_modelopt_shim.harmonize as harmonize
 
-    real = harmonize.fold_tensors
+    real = harmonize.fold_many
     calls = []
 
     def breaks_late(*args: Any, **kwargs: Any) -> Any:
@@ -245,11 +245,11 @@ def test_an_error_half_way_through_a_batch_forwards_the_whole_batch_as_read(monk
         folded = real(*args, **kwargs)
         return [*folded[:-1], object()] if len(calls) == 2 else folded  # layer 1's last expert cannot be emitted
 
-    monkeypatch.setattr(harmonize, "fold_tensors", breaks_late)
+    monkeypatch.setattr(harmonize, "fold_many", breaks_late)
     ts = layer_tensors()
     folder = Folder(reciprocal=False, num_experts=4)
     got = load([ts], folder, full=True)
-    monkeypatch.setattr(harmonize, "fold_tensors", real)
+    monkeypatch.setattr(harmonize, "fold_many", real)
     raw = {canonical(n): (t.contiguous().view(torch.uint8) if t.dim() else t).numpy().tobytes() for n, t in ts}
     good = load([ts], Folder(reciprocal=False, num_experts=4), full=True)
     assert folder.error is not None
@@ -258,14 +258,14 @@ def test_an_error_half_way_through_a_batch_forwards_the_whole_batch_as_read(monk
     assert any(got[n] != raw[n] for n in raw if n not in layer1)  # layer 0 folded before the error
     assert_whole(got, good, raw)
     assert (folder.result.experts, folder.result.harmonized) == (4, 2)  # layer 0 only: nothing half-counted
-    assert not any(key[0] == P.format(1) for key in folder.decided)
+    assert all(folder.decision(P.format(1), e) is None for e in range(4))
 
 
 def test_an_error_while_experts_wait_for_their_batch_forwards_them_as_read() -> None:
     """Experts complete but not yet folded (their batch not full) are not lost when the Folder fails."""
 
-    class Unclonable(torch.Tensor):
-        def clone(self, *args: Any, **kwargs: Any) -> Any:
+    class Uncopyable(torch.Tensor):  # the Folder copies a piece's bytes through numpy
+        def numpy(self, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("injected")
 
     ts = layer_tensors(layers=1)
@@ -278,7 +278,7 @@ def test_an_error_while_experts_wait_for_their_batch_forwards_them_as_read() -> 
         assert folder.take(P.format(0), 1, proj, kinds[suffix], canonical(n), t, value) == []
     assert len(folder.ready) == 1 and folder.error is None  # complete, waiting for its batch
     name = next(n for n, _ in ts if n.endswith("gate_proj.2.weight_scale"))
-    bad = dict(ts)[name].as_subclass(Unclonable)
+    bad = dict(ts)[name].as_subclass(Uncopyable)
     out = folder.take(P.format(0), 2, "gate_proj", "block", canonical(name), bad, None)
     assert folder.error is not None and "injected" in folder.error
     forwarded = {n: t for n, t in out}
@@ -431,7 +431,7 @@ def side(
 def folded_model(**folder: Any) -> tuple[Model, Folder]:
     model, f = Model(), Folder(reciprocal=False, **{"num_experts": 4, **folder})
     model.call(layer_tensors(layers=1), f, full=True)
-    g_stored, _, common = f.decided[(P.format(0), 1)]
+    g_stored, _, common = f.decision(P.format(0), 1)
     assert common == 2 * g_stored  # expert 1's fold shifted gate (k = 1): the case that can go wrong
     assert max(model.errors(1)) <= 0.04
     return model, f
@@ -441,7 +441,7 @@ def folded_model(**folder: Any) -> tuple[Model, Folder]:
 def test_an_update_of_one_projection_of_a_folded_expert_keeps_it_right(proj: str) -> None:
     """New weights and scales for gate (or up) alone: folded to the expert's standing common scale."""
     model, folder = folded_model()
-    g_stored, u_stored, _ = folder.decided[(P.format(0), 1)]
+    g_stored, u_stored, _ = folder.decision(P.format(0), 1)
     model.call(side(1, proj, seed=99), folder)
     sent = float(model.sent[f"{P.format(0)}.1.{proj}.weight_scale_2"])
     assert sent != (g_stored if proj == "gate_proj" else u_stored)  # a new global scale came along
@@ -471,23 +471,23 @@ def test_an_internal_error_forwards_waiting_pieces_as_their_fold_had_them(monkey
     model, folder = folded_model()
     name = f"{P.format(0)}.gate_proj.1.weight_scale"
     model.take(folder, [(name, model.sent[canonical(name)])])  # an update re-sends one piece: it waits
-    monkeypatch.setattr(harmonize, "fold_tensors", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(harmonize, "fold_many", lambda *a, **k: 1 / 0)
     model.call([(n, t) for n, t in layer_tensors(layers=1) if ".3." in n], folder)  # expert 3 whole: fold fails
     assert folder.error is not None and "ZeroDivisionError" in folder.error
     assert max(model.errors(1)) <= 0.04
-    assert (P.format(0), 3) not in folder.decided  # forwarded as read: its earlier fold no longer holds
+    assert folder.decision(P.format(0), 3) is None  # forwarded as read: its earlier fold no longer holds
 
 
 def test_a_second_copy_that_cannot_be_held_still_goes_last() -> None:
-    class Unclonable(torch.Tensor):
-        def clone(self, *args: Any, **kwargs: Any) -> Any:
+    class Uncopyable(torch.Tensor):  # the Folder copies a piece's bytes through numpy
+        def numpy(self, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("injected")
 
     folder = Folder(reciprocal=False, num_experts=4)
     ((name, old),) = side(0, "gate_proj", seed=1, suffixes=("weight_scale",))
     ((_, new),) = side(0, "gate_proj", seed=2, suffixes=("weight_scale",))
     assert folder.take(P.format(0), 0, "gate_proj", "block", canonical(name), old, None) == []
-    out = folder.take(P.format(0), 0, "gate_proj", "block", canonical(name), new.as_subclass(Unclonable), None)
+    out = folder.take(P.format(0), 0, "gate_proj", "block", canonical(name), new.as_subclass(Uncopyable), None)
     assert folder.error is not None and "injected" in folder.error
     assert out[-1][0] == canonical(name) and torch.equal(out[-1][1].view(torch.uint8), new.view(torch.uint8))
 
@@ -495,7 +495,7 @@ def test_a_second_copy_that_cannot_be_held_still_goes_last() -> None:
 def test_new_block_scales_the_common_scale_cannot_hold_go_as_sent() -> None:
     """Rescaled to the standing common scale they would pass fp8's 448: loaded as the update has them."""
     model, folder = folded_model()
-    common = folder.decided[(P.format(0), 1)][2]
+    common = folder.decision(P.format(0), 1)[2]
     update = side(1, "up_proj", seed=5, suffixes=("weight_scale", "weight_scale_2"))
     update[1] = (update[1][0], torch.tensor(common * 4, dtype=torch.float32))  # 448-scale blocks: 4 x 448 > 448
 
@@ -509,3 +509,34 @@ def test_new_block_scales_the_common_scale_cannot_hold_go_as_sent() -> None:
             model.held[canonical(n)].reshape(-1).view(torch.uint8).tolist() == t.reshape(-1).view(torch.uint8).tolist()
         )
     assert all(raw(model.held[n]) == t for n, t in before.items())  # gate as its fold had it
+
+
+def test_a_waiting_layer_and_its_folded_batch_are_a_few_python_objects_per_expert() -> None:
+    """Held scales and a folded batch on its way are not a layer's worth of small objects each: those made
+    vLLM's process run a full garbage collection of its heap during a 48-layer load."""
+    import gc
+
+    experts = 64
+    codes = torch.randint(0, 0x70, (experts, 2, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    pieces = []
+    for e in range(experts):
+        for j, (proj, scale) in enumerate((("gate_proj", 1.0), ("up_proj", 1.3))):  # apart: every expert folds
+            name = f"{P.format(0)}.{e}.{proj}"
+            pieces.append((e, proj, "block", f"{name}.weight_scale", codes[e, j].view(torch.float8_e4m3fn), None))
+            pieces.append((e, proj, "global", f"{name}.weight_scale_2", torch.tensor(scale), scale))
+    folder = Folder(reciprocal=False, num_experts=experts)
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(gc.get_objects())
+        for e, proj, kind, name, t, value in pieces[:-1]:
+            assert folder.take(P.format(0), e, proj, kind, name, t, value) == []
+        held = len(gc.get_objects()) - before
+        out = folder.take(P.format(0), *pieces[-1])  # completes the layer: the batch folds
+        on_its_way = len(gc.get_objects()) - before - held
+        forwarded = sum(1 for _ in out)
+    finally:
+        gc.enable()
+    assert forwarded == len(pieces) and folder.result.harmonized == experts
+    assert held <= 4 * experts, held
+    assert on_its_way <= 4 * experts, on_its_way  # the folded codes, each a numpy array over a buffer

@@ -266,3 +266,36 @@ def test_the_time_spent_is_measured_within_the_wall_time_of_the_stream() -> None
     for _ in rewrite(checkpoint(experts=64), ledger, scalar=float):
         pass
     assert 0.0 < ledger.seconds <= time.perf_counter() - started
+
+
+def test_what_the_fold_hands_over_lazily_counts_as_the_shims_time_and_the_loaders_does_not() -> None:
+    """The Folder emits a folded layer expert by expert: the work done as it goes is the shim's."""
+
+    def busy(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    class Lazy:
+        def take(self, *args: object) -> object:
+            name, tensor = args[4], args[5]
+
+            def emit() -> object:
+                busy(0.01)
+                yield name, tensor
+
+            return emit()
+
+        def flush(self) -> list[tuple[str, object]]:
+            return []
+
+        drop = flush
+
+    names = [(n, v) for n, v in checkpoint(experts=2) if n.endswith("weight_scale_2") and ".down_proj." not in n]
+    ledger = Ledger(MODELOPT, 2)
+    forwarded = []
+    for item in rewrite(names, ledger, scalar=float, fold=Lazy()):  # type: ignore[arg-type]
+        busy(0.01)  # vLLM's own work on the tensor
+        forwarded.append(item)
+    assert [n for n, _ in forwarded] == [canonical(n) for n, _ in names]
+    assert 0.01 * len(names) <= ledger.seconds < 0.018 * len(names)  # the loader's would make it 0.02 each
