@@ -110,8 +110,10 @@ def fold(ckpt: str, runs: int = 5) -> dict[str, Any]:
         folder = Folder(reciprocal=False, num_experts=128)
         started = time.perf_counter()
         for piece in pieces:
-            folder.take(*piece)
-        folder.drop()
+            for _ in folder.take(*piece):  # the Folder hands a folded batch over lazily: take it all
+                pass
+        for _ in folder.drop():
+            pass
         seconds.append(time.perf_counter() - started)
     assert folder is not None
     return {
