@@ -540,3 +540,12 @@ def test_a_waiting_layer_and_its_folded_batch_are_a_few_python_objects_per_exper
     assert forwarded == len(pieces) and folder.result.harmonized == experts
     assert held <= 4 * experts, held
     assert on_its_way <= 4 * experts, on_its_way  # the folded codes, each a numpy array over a buffer
+
+
+def test_a_global_scale_of_a_dtype_torch_full_cannot_make_passes_as_read() -> None:
+    """A folded (or restored) global scale is made with torch.full: a dtype it cannot fill is not held."""
+    folder = Folder(reciprocal=False, num_experts=4)
+    odd = torch.tensor(0.5).to(torch.float8_e4m3fn)
+    name = f"{P.format(0)}.0.gate_proj.weight_scale_2"
+    out = folder.take(P.format(0), 0, "gate_proj", "global", name, odd, 0.5)
+    assert len(out) == 1 and out[0][1] is odd and folder.waiting == {}
