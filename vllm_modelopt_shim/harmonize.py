@@ -33,6 +33,9 @@ __all__ = ["FP8_MAX", "Folder", "Result", "fold", "fold_many", "fold_tensors"]
 FP8_MAX = 448.0
 #: bytes of scale copies the Folder may hold at most, unless one MoE layer's gate/up block scales need more
 BUDGET = 64 << 20
+#: block scale bytes of waiting experts folded as one batch at most: the table work is per batch, but a batch
+#: small enough to stay in the CPU's caches folds faster than a layer's worth of large experts
+BATCH = 4 << 20
 
 
 class Result:
@@ -159,14 +162,52 @@ def _exact_shift(codes: Any, shift: int) -> bool:
     return lowest == 256 or lowest >> 3 > shift
 
 
+def _shift(codes: Any, shift: int) -> Any:
+    """Block scales divided by ``2**shift`` where ``_exact_shift`` holds: the exponent field lowered,
+    zeros kept (what the rounding table gives them too, without its gather)."""
+    import numpy as np
+
+    return codes - (codes != 0).view(np.uint8) * np.uint8(shift << 3)
+
+
+#: block scales per expert whose histogram weighs the reported error (evenly strided over larger ones)
+SAMPLE = 1 << 14
+
+
+def _counts(codes: Any) -> Any:
+    """How often each fp8 code occurs: in all block scales, or in an even sample of ``SAMPLE`` or more.
+
+    Only the reported rounding error is weighed with it; what the fold writes never depends on it.
+    """
+    import numpy as np
+
+    flat = codes.reshape(-1)
+    return np.bincount(flat[:: max(1, flat.size // SAMPLE)], minlength=256)
+
+
+def _top(codes: Any) -> float:
+    """The largest finite value among fp8 block scales (0 if none)."""
+    import numpy as np
+
+    if not codes.size:
+        return 0.0
+    values = _values()
+    highest = int(codes.max())
+    if highest < 0x7F:  # non-negative finite codes rise with their values
+        return float(values[highest])
+    present = np.bincount(codes.reshape(-1), minlength=256) > 0  # a NaN or a negative value: look at each
+    finite = values[present & np.isfinite(values)]
+    return max(float(finite.max()), 0.0) if finite.size else 0.0
+
+
 def fold_many(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: bool) -> list[Folded | None]:
     """Fold a batch of experts, each ``(gate codes, up codes, gate global, up global as stored)``.
 
     Block scales are fp8 codes (uint8 numpy arrays, gate's and up's of one shape); ``reciprocal``
     for compressed-tensors, whose global scale divides.  None for an expert with nothing to do:
     equal global scales, scales that are not one finite value > 0 (verify reports those), or block
-    scales of two shapes.  Per expert one histogram and one gather; the rest once per batch.  The
-    reported error is that of the block scales (each counted once).
+    scales of two shapes.  Per expert one maximum, one (sampled) histogram and one gather; the rest
+    once per batch.  The reported error is that of the block scales (each counted once, see ``_counts``).
     """
     import numpy as np
 
@@ -174,18 +215,16 @@ def fold_many(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: b
     todo = [
         i
         for i, (gate, up, g, u) in enumerate(experts)
-        if g != u and gate.shape == up.shape and all(math.isfinite(x) and x > 0 for x in (g, u))
+        if g != u and gate.shape == up.shape and 0.0 < g < math.inf and 0.0 < u < math.inf  # NaN compares false
     ]
     if not todo:
         return out
-    values = _values()
     stored = np.array([experts[i][2] for i in todo], dtype=np.float64)
     g = 1.0 / stored if reciprocal else stored
     u = np.array([experts[i][3] for i in todo], dtype=np.float64)
     u = 1.0 / u if reciprocal else u
-    count_up = np.stack([np.bincount(experts[i][1].reshape(-1), minlength=256) for i in todo])
-    present = np.where((count_up > 0) & np.isfinite(values), values, -np.inf).max(axis=1)
-    top = np.where(np.isfinite(present), present, 0.0)  # up's largest finite block scale
+    count_up = np.stack([_counts(experts[i][1]) for i in todo])
+    top = np.array([_top(experts[i][1]) for i in todo])  # up's largest finite block scale
     shift = np.zeros(len(todo), dtype=np.int64)
     while True:  # the smallest k >= 0 that keeps up's largest block scale within fp8
         over = u * top / (np.ldexp(g, shift)) > FP8_MAX
@@ -199,17 +238,19 @@ def fold_many(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: b
     moved = [j for j in range(len(todo)) if shift[j]]
     gate_err = np.zeros(len(todo))
     gate_rows = {}
+    exact: set[int] = set()
     if moved:
         gate_table, gate_exact = _tables(1.0 / scale[moved])
         gate_rows = dict(zip(moved, gate_table, strict=True))
-        inexact = [k for k, j in enumerate(moved) if not _exact_shift(experts[todo[j]][0], int(shift[j]))]
+        exact = {j for j in moved if _exact_shift(experts[todo[j]][0], int(shift[j]))}
+        inexact = [k for k, j in enumerate(moved) if j not in exact]
         if inexact:  # the error of an exact shift is 0: only the others need their histogram
-            counts = np.stack([np.bincount(experts[todo[moved[k]]][0].reshape(-1), minlength=256) for k in inexact])
+            counts = np.stack([_counts(experts[todo[moved[k]]][0]) for k in inexact])
             gate_err[[moved[k] for k in inexact]] = _errors(gate_table[inexact], gate_exact[inexact], counts)
     before, after = (abs(g - u) / u).tolist(), np.maximum(gate_err, up_err).tolist()
     for j, (i, k, c) in enumerate(zip(todo, shift.tolist(), common.tolist(), strict=True)):
         gate, up = experts[i][0], experts[i][1]
-        new_gate = _gather(gate_rows[j], gate) if k else gate
+        new_gate = (_shift(gate, k) if j in exact else _gather(gate_rows[j], gate)) if k else gate
         out[i] = Folded(new_gate, _gather(up_table[j], up), c, k, before[j], after[j])
     return out
 
@@ -231,6 +272,17 @@ def _torch() -> Any:
     import torch
 
     return torch
+
+
+_KINDS: list[tuple[Any, frozenset[Any]]] = []
+
+
+def _kinds() -> tuple[Any, frozenset[Any]]:
+    """The dtypes the fold takes: fp8 e4m3 block scales, floating-point global scales."""
+    if not _KINDS:
+        torch = _torch()
+        _KINDS.append((torch.float8_e4m3fn, frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})))
+    return _KINDS[0]
 
 
 def fold_tensors(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: bool) -> list[Folded | None]:
@@ -295,10 +347,11 @@ class Folder:
 
     ``take`` receives each gate/up block or global scale of an expert (vLLM name, tensor, value)
     and returns what to forward now.  An expert's pieces wait, as copies (some readers reuse their
-    buffers), until all four are in; complete experts wait a little longer, until a batch of
-    ``num_experts`` (one MoE layer, in checkpoint order) is ready, and are folded together and
-    forwarded expert by expert as vLLM takes them: the fold's table work costs per batch, and no
-    layer's worth of new tensors is alive at once.  ``flush`` (end of a call) folds what is ready
+    buffers), until all four are in.  A complete expert whose global scales agree goes on at once,
+    as read; the others wait a little longer, until ``num_experts`` experts (one MoE layer, in
+    checkpoint order) have completed, and are folded together and forwarded expert by expert as
+    vLLM takes them: the fold's table work costs per batch, and no layer's worth of new tensors is
+    alive at once.  ``flush`` (end of a call) folds what is ready
     and forwards the incomplete pieces as they are, keeping them for a later call.  At most
     ``limit`` bytes wait (``budget``, or one MoE layer's gate and up block scales if that is more);
     past that, ready experts are folded early and then the oldest incomplete expert is let go as it
@@ -317,6 +370,8 @@ class Folder:
         self.decided: dict[str, list[float]] = {}
         self.gone: set[Key] = set()  # let go over the bound: their pieces pass as they are
         self.metas: dict[tuple[Any, Any, Any], tuple[Any, Any, Any]] = {}  # each (dtype, shape, device) kept once
+        self.completed = 0  # experts complete since the last batch was folded
+        self.batch_bytes = 0  # block scale bytes of the experts in ``ready``
         self.bytes = 0
         self.limit: int | None = None
         self.result = Result()
@@ -368,8 +423,14 @@ class Folder:
         try:
             if None not in held[:_DATA]:
                 del self.waiting[key]
-                self.ready.append((key, held))
-                if len(self.ready) >= self.num_experts:
+                self.completed += 1
+                if held[_VALUE + 1] == held[_VALUE + 3]:  # nothing to fold: on at once, as read
+                    self.bytes -= sum(_nbytes(held, s) for s in range(_DATA))
+                    out.append(self._emit([(key, held)], [None]))
+                else:
+                    self.ready.append((key, held))
+                    self.batch_bytes += _nbytes(held, 0) + _nbytes(held, 2)
+                if self.completed >= self.num_experts or self.batch_bytes >= BATCH:  # a layer, or enough
                     out.append(self._fold_ready())
             while self.error is None and self.limit is not None and self.bytes > self.limit:
                 if self.ready:
@@ -412,17 +473,15 @@ class Folder:
         self.waiting.clear()
         self.ready.clear()
         self.bytes = 0
+        self.completed = 0
+        self.batch_bytes = 0
 
     @staticmethod
     def _fits(kind: str, tensor: Any) -> bool:
-        torch = _torch()
-        if not isinstance(tensor, torch.Tensor):
-            return False
+        fp8, floats = _kinds()
         if kind == "block":
-            return bool(tensor.dtype == torch.float8_e4m3fn and tensor.dim() == 2)
-        return bool(
-            tensor.numel() == 1 and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-        )
+            return getattr(tensor, "dtype", None) is fp8 and tensor.dim() == 2
+        return getattr(tensor, "dtype", None) in floats and tensor.numel() == 1
 
     def _decide(self, key: Key, gate: float, up: float, common: float) -> None:
         row = self.decided.get(key[0])
@@ -508,6 +567,7 @@ class Folder:
     def _fold_ready(self) -> Iterable[tuple[str, Any]]:
         """Fold the complete experts as one batch; forward all four pieces of each."""
         batch, self.ready = self.ready, []
+        self.completed = self.batch_bytes = 0
         if not batch:
             return []
         for _, held in batch:

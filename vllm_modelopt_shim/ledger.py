@@ -133,8 +133,10 @@ class Ledger:
     def has(self, parsed: ExpertName) -> bool:
         """Whether this expert tensor (in either layout or spelling) was recorded already."""
         layer = self.layers.get(parsed.prefix)
+        if layer is None:
+            return False
         index = self.index(parsed)
-        return layer is not None and 0 <= index < len(layer.marks) and layer.marks[index] != 0
+        return 0 <= index < len(layer.marks) and layer.marks[index] != 0
 
     def record(self, name: str, new: str, parsed: ExpertName | None, value: float | None = None) -> Layer | None:
         """Note one forwarded tensor (``value``: a scalar scale's); return its MoE layer, if any."""
@@ -151,15 +153,20 @@ class Ledger:
         if layer is None:
             layer = self.layers[parsed.prefix] = Layer(parsed.prefix, self.width)
         kind = 0 if parsed.layout == LEGACY else 1 if new != name else 2
-        index = self.index(parsed)
-        if index < 0 or index >= _MOST or (index < len(layer.marks) and layer.marks[index]):
+        slot = self._slots.get((parsed.proj, parsed.suffix))
+        index = parsed.expert * STRIDE + slot if slot is not None and slot < STRIDE else self.index(parsed)
+        marks = layer.marks
+        if 0 <= index < len(marks) and not marks[index]:  # the common case
+            marks[index] = kind + 1
+            if value is not None and parsed.suffix in SCALAR_SUFFIXES:
+                layer.scalars[index] = value
+            return layer
+        if index < 0 or index >= _MOST or index < len(marks):
             layer.extra[kind] += 1  # counted, not tracked: an odd slot or index, or a second copy (verify off)
             return layer
-        if index >= len(layer.marks):  # an expert beyond the config's count (verification off)
-            layer.marks.extend(bytes(index + STRIDE - len(layer.marks)))
-        layer.marks[index] = kind + 1
-        scalar = parsed.suffix in SCALAR_SUFFIXES
-        if scalar and value is not None:
+        marks.extend(bytes(index + STRIDE - len(marks)))  # an expert beyond the config's count (verify off)
+        marks[index] = kind + 1
+        if value is not None and parsed.suffix in SCALAR_SUFFIXES:
             layer.scalars[index] = value
         return layer
 

@@ -12,7 +12,7 @@ from time import perf_counter
 from . import verify
 from .errors import CheckpointError
 from .ledger import Ledger
-from .names import COMPRESSED, FUSED, MODELOPT, SCALAR_SUFFIXES, canonical_suffix, parse, rename
+from .names import COMPRESSED, FUSED, MODELOPT, SCALAR_SUFFIXES, parse, rename
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -84,7 +84,13 @@ def rewrite(
     """
     clock = perf_counter
     family = ledger.family
-    pieces = PIECES.get(family or "", {}) if fold is not None else {}
+    # (projection, suffix as written) -> the fold's kind of piece: gate/up block and global scales
+    pieces = {
+        (proj, suffix): kind
+        for suffix, kind in PIECES.get(family or "", {}).items()
+        for proj in _FOLDED
+        if fold is not None
+    }
     spent = 0.0
     try:
         for name, tensor in weights:
@@ -100,21 +106,24 @@ def rewrite(
                         spent += clock() - started
                     continue
             new = rename(name, parsed, family)
+            if parsed is None or parsed.layout == FUSED:
+                ledger.record(name, new, parsed)
+                spent += clock() - started
+                yield new, tensor
+                continue
             value = None
-            per_expert = parsed is not None and parsed.layout != FUSED
-            if per_expert and scalar is not None and parsed.suffix in SCALAR_SUFFIXES:  # type: ignore[union-attr]
+            if scalar is not None and parsed.suffix in SCALAR_SUFFIXES:
                 try:
                     value = scalar(tensor)
                 except Exception:  # several elements, say: not one usable value
                     value = math.nan
             ledger.record(name, new, parsed, value)
-            if per_expert and parsed.proj in _FOLDED:  # type: ignore[union-attr]
-                kind = pieces.get(canonical_suffix(parsed.suffix, family))  # type: ignore[union-attr]
-                if kind is not None:
-                    out = fold.take(parsed.prefix, parsed.expert, parsed.proj, kind, new, tensor, value)  # type: ignore[union-attr]
-                    spent += clock() - started
-                    yield from out if isinstance(out, list) else _timed(out, ledger)
-                    continue
+            kind = pieces.get((parsed.proj, parsed.suffix)) if pieces else None
+            if kind is not None:
+                out = fold.take(parsed.prefix, parsed.expert, parsed.proj, kind, new, tensor, value)  # type: ignore[union-attr]
+                spent += clock() - started
+                yield from out if isinstance(out, list) else _timed(out, ledger)
+                continue
             spent += clock() - started
             yield new, tensor
         if fold is not None:

@@ -257,7 +257,8 @@ def test_an_error_half_way_through_a_batch_forwards_the_whole_batch_as_read(monk
     assert all(got[n] == raw[n] for n in layer1)  # layer 1 entirely as read, though its first experts folded
     assert any(got[n] != raw[n] for n in raw if n not in layer1)  # layer 0 folded before the error
     assert_whole(got, good, raw)
-    assert (folder.result.experts, folder.result.harmonized) == (4, 2)  # layer 0 only: nothing half-counted
+    # layer 0, and layer 1's two experts with nothing to fold (on at once, whole): nothing of the failed batch
+    assert (folder.result.experts, folder.result.harmonized) == (6, 2)
     assert all(folder.decision(P.format(1), e) is None for e in range(4))
 
 
@@ -362,6 +363,51 @@ def test_the_fp8_rounding_tables_agree_with_torch() -> None:
          ladder, (ladder[1:] + ladder[:-1]) / 2, [0.0, -0.0]]
     )  # fmt: skip
     assert np.array_equal(_encode(x), torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("shift", [1, 2, 5])
+def test_an_exact_shift_of_gate_gives_the_bytes_of_its_rounding_table(shift: int) -> None:
+    """Gate's exact shift lowers the exponent field; it must equal the table gather it replaces."""
+    import numpy as np
+
+    from vllm_modelopt_shim.harmonize import _exact_shift, _gather, _shift, _tables
+
+    rng = np.random.default_rng(shift)
+    codes = rng.integers((shift + 1) << 3, 0x7F, size=(48, 16), dtype=np.uint8)  # normal, staying normal
+    codes[rng.random(codes.shape) < 0.2] = 0
+    assert _exact_shift(codes, shift)
+    table = _tables([2.0**-shift])[0][0]
+    assert np.array_equal(_shift(codes, shift), _gather(table, codes))
+    assert np.array_equal(_shift(codes[:, ::2], shift), _gather(table, codes[:, ::2]))  # strided as read
+    assert not _exact_shift(np.full((2, 2), shift << 3, dtype=np.uint8), shift)  # would leave the normals
+
+
+def test_the_largest_block_scale_is_found_with_nan_and_negative_codes_too() -> None:
+    import numpy as np
+
+    from vllm_modelopt_shim.harmonize import _top, _values
+
+    codes = np.array([[0x10, 0x7E, 0x30]], dtype=np.uint8)
+    assert _top(codes) == 448.0
+    assert _top(np.array([[0x10, 0x7F, 0x30]], dtype=np.uint8)) == float(_values()[0x30])  # NaN skipped
+    assert _top(np.array([[0xB0, 0x7F]], dtype=np.uint8)) == 0.0  # only a negative value and a NaN
+    assert _top(np.zeros((0, 4), dtype=np.uint8)) == 0.0
+
+
+def test_a_large_expert_weighs_its_error_on_an_even_sample_of_its_block_scales() -> None:
+    """Above SAMPLE block scales, the reported error's histogram is strided: near the full one, same total."""
+    import numpy as np
+
+    from vllm_modelopt_shim.harmonize import SAMPLE, _counts
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0x20, 0x7F, size=(768, 128), dtype=np.uint8)
+    full = np.bincount(codes.reshape(-1), minlength=256)
+    sampled = _counts(codes)
+    assert SAMPLE <= sampled.sum() < 2 * SAMPLE
+    assert np.abs(sampled / sampled.sum() - full / full.sum()).max() < 0.01
+    small = codes[:8]
+    assert np.array_equal(_counts(small), np.bincount(small.reshape(-1), minlength=256))  # all of them
 
 
 @pytest.mark.parametrize("calls", [1, 10**9], ids=["one call", "one tensor per call"])

@@ -120,3 +120,45 @@ def test_every_other_name_is_untouched(name: str, family: str | None) -> None:
     if parsed is not None and parsed.layout != FUSED:
         return  # the random text happened to spell a per-expert name
     assert canonical(name, family) == name
+
+
+def _reference_parse(name: str) -> tuple[str, int, str, str, str] | None:
+    """The parse without its table of tails: what every name must come out as."""
+    from vllm_modelopt_shim.names import _parse
+
+    p = _parse(name)
+    return None if p is None else (p.prefix, p.expert, p.proj, p.suffix, p.layout)
+
+
+@given(layers, experts, projs, suffixes, st.booleans())
+def test_the_table_of_tails_parses_like_the_full_parse(
+    layer: int, expert: int, proj: str, suffix: str, old: bool
+) -> None:
+    name = f"model.language_model.layers.{layer}.mlp.experts." + (f"{proj}.{expert}" if old else f"{expert}.{proj}")
+    name += f".{suffix}"
+    for _ in range(2):  # the first time fills the table, the second reads it
+        p = parse(name)
+        assert p is not None and (p.prefix, p.expert, p.proj, p.suffix, p.layout) == _reference_parse(name)
+
+
+@given(other_names)
+def test_the_table_of_tails_leaves_other_names_to_the_full_parse(name: str) -> None:
+    for _ in range(2):
+        p = parse(name)
+        assert (None if p is None else (p.prefix, p.expert, p.proj, p.suffix, p.layout)) == _reference_parse(name)
+
+
+def test_a_tail_seen_in_one_layer_is_parsed_for_the_next_layer_with_its_own_prefix() -> None:
+    """Breaking the table (say, caching the whole parse by tail) must fail: every layer keeps its prefix."""
+    a, b = parse(f"{P}.gate_proj.3.weight"), parse(f"{P.replace('.7.', '.8.')}.gate_proj.3.weight")
+    assert a is not None and b is not None
+    assert (a.prefix, b.prefix) == (P, P.replace(".7.", ".8."))
+    assert (b.expert, b.proj, b.layout) == (3, "gate_proj", LEGACY)
+    assert parse("x.experts.a.experts.3.gate_proj.weight") == _parse_obj("x.experts.a.experts.3.gate_proj.weight")
+    assert parse(".experts.gate_proj.3.weight") is None  # no prefix at all
+
+
+def _parse_obj(name: str) -> object:
+    from vllm_modelopt_shim.names import _parse
+
+    return _parse(name)
