@@ -171,7 +171,7 @@ def _shift(codes: Any, shift: int) -> Any:
 
 
 #: block scales per expert whose histogram weighs the reported error (evenly strided over larger ones)
-SAMPLE = 1 << 14
+SAMPLE = 1 << 12
 
 
 def _counts(codes: Any) -> Any:
@@ -233,20 +233,18 @@ def fold_many(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: b
         shift += over
     scale = np.ldexp(1.0, shift)
     common = stored / scale if reciprocal else stored * scale  # exact: a power of two
-    up_table, up_exact = _tables(u / (g * scale))
-    up_err = _errors(up_table, up_exact, count_up)
     moved = [j for j in range(len(todo)) if shift[j]]
+    tables, products = _tables(np.concatenate([u / (g * scale), 1.0 / scale[moved]]))  # up's, then moved gates'
+    up_table, gate_table = tables[: len(todo)], tables[len(todo) :]
+    up_err = _errors(up_table, products[: len(todo)], count_up)
     gate_err = np.zeros(len(todo))
-    gate_rows = {}
-    exact: set[int] = set()
-    if moved:
-        gate_table, gate_exact = _tables(1.0 / scale[moved])
-        gate_rows = dict(zip(moved, gate_table, strict=True))
-        exact = {j for j in moved if _exact_shift(experts[todo[j]][0], int(shift[j]))}
-        inexact = [k for k, j in enumerate(moved) if j not in exact]
-        if inexact:  # the error of an exact shift is 0: only the others need their histogram
-            counts = np.stack([_counts(experts[todo[moved[k]]][0]) for k in inexact])
-            gate_err[[moved[k] for k in inexact]] = _errors(gate_table[inexact], gate_exact[inexact], counts)
+    gate_rows = dict(zip(moved, gate_table, strict=True))
+    exact = {j for j in moved if _exact_shift(experts[todo[j]][0], int(shift[j]))}
+    inexact = [k for k, j in enumerate(moved) if j not in exact]
+    if inexact:  # the error of an exact shift is 0: only the others need their histogram
+        counts = np.stack([_counts(experts[todo[moved[k]]][0]) for k in inexact])
+        gate_exact = products[len(todo) :]
+        gate_err[[moved[k] for k in inexact]] = _errors(gate_table[inexact], gate_exact[inexact], counts)
     before, after = (abs(g - u) / u).tolist(), np.maximum(gate_err, up_err).tolist()
     for j, (i, k, c) in enumerate(zip(todo, shift.tolist(), common.tolist(), strict=True)):
         gate, up = experts[i][0], experts[i][1]
@@ -324,7 +322,7 @@ def _nbytes(held: Held, slot: int) -> int:
 def _copy(t: Any) -> Any:
     """fp8 block scales as a uint8 numpy copy of their codes."""
     t = t.detach() if t.requires_grad else t
-    return (t if t.device.type == "cpu" else t.cpu()).view(_torch().uint8).numpy().copy()
+    return (t if t.is_cpu else t.cpu()).view(_torch().uint8).numpy().copy()
 
 
 def _piece(held: Held, slot: int, data: Any, value: float) -> Any:
