@@ -176,7 +176,10 @@ def rename(name: str, parsed: ExpertName | None, family: str | None) -> str:
         if family == MODELOPT and name.endswith("." + _PACKED):
             return name[: -len(_PACKED)] + "weight"
         return name
-    return f"{parsed.prefix}.{parsed.expert}.{parsed.proj}.{canonical_suffix(parsed.suffix, family)}"
+    suffix = parsed.suffix
+    if suffix == _PACKED and family == MODELOPT:
+        suffix = "weight"
+    return f"{parsed.prefix}.{parsed.expert}.{parsed.proj}.{suffix}"
 
 
 def legacy(name: str) -> str:

@@ -596,3 +596,49 @@ def test_a_global_scale_of_a_dtype_torch_full_cannot_make_passes_as_read() -> No
     name = f"{P.format(0)}.0.gate_proj.weight_scale_2"
     out = folder.take(P.format(0), 0, "gate_proj", "global", name, odd, 0.5)
     assert len(out) == 1 and out[0][1] is odd and folder.waiting == {}
+
+
+def _scale_pieces(layer: int, experts: int) -> list[tuple[str, int, str, str, str, torch.Tensor, float | None]]:
+    """The Folder's input for one layer of ``layer_tensors``: (prefix, expert, proj, kind, name, tensor, value)."""
+    kinds = {"weight_scale": "block", "weight_scale_2": "global"}
+    out = []
+    for n, t in layer_tensors(layers=layer + 1, experts=experts):
+        proj, expert, suffix = n.split(".")[-3:]
+        if n.startswith(P.format(layer) + ".") and proj != "down_proj" and suffix in kinds:
+            value = float(t) if kinds[suffix] == "global" else None
+            out.append((P.format(layer), int(expert), proj, kinds[suffix], canonical(n), t, value))
+    return out
+
+
+def test_an_expert_whose_global_scales_agree_goes_on_the_moment_it_is_complete() -> None:
+    """Nothing to fold: its four pieces are handed back by the take that completes it, as read."""
+    folder = Folder(reciprocal=False, num_experts=4)
+    pieces = [p for p in _scale_pieces(0, 4) if p[1] == 0]  # expert 0: gate and up share one global scale
+    assert all(folder.take(*p) == [] for p in pieces[:-1])
+    out = dict(folder.take(*pieces[-1]))
+    assert set(out) == {p[4] for p in pieces}
+    for _, _, _, _, name, t, _ in pieces:
+        assert torch.equal(out[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+    assert folder.ready == [] and folder.waiting == {} and folder.result.experts == 1
+
+
+def test_experts_to_fold_go_in_batches_of_a_layer_or_fewer_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Experts apart wait for a batch: a layer's worth, or sooner once BATCH bytes of block scales wait."""
+    import vllm_modelopt_shim.harmonize as harmonize
+
+    pieces = [p for layer in range(2) for p in _scale_pieces(layer, 8)]
+
+    def first_folded(folder: Folder) -> int:
+        """The piece whose take first hands back a folded expert."""
+        for i, piece in enumerate(pieces):
+            for _ in folder.take(*piece):
+                pass
+            if folder.result.harmonized:
+                return i
+        return len(pieces)
+
+    whole_layer = first_folded(Folder(reciprocal=False, num_experts=8))
+    assert whole_layer == len(pieces) // 2 - 1  # layer 0's last piece completes its eighth expert
+    one_expert = pieces[0][5].nbytes * 2  # gate and up block scales of one expert
+    monkeypatch.setattr(harmonize, "BATCH", 2 * one_expert)
+    assert first_folded(Folder(reciprocal=False, num_experts=8)) < whole_layer  # after two experts apart
