@@ -1,15 +1,17 @@
-"""Where the census load's overhead comes from: the shim's layers added one at a time, against stock.
+"""Where a load's overhead comes from: the shim's layers added one at a time, against stock.
 
     python3 bench/ladder.py [--reps 5] [--json bench/out/ladder.json]    # ~3 min per rep here
     python3 bench/ladder.py --against b975a2c --only stock defaults     # a change, with and without
+    python3 bench/ladder.py --workload real --against b975a2c --only stock defaults   # at real size
 
-Four variants of the census load (bench/workloads.py), one fresh interpreter each, rotated every
-rep: stock vLLM; a pass-through generator at the shim's hook point (bench/passthrough); the shim
-with verification and harmonization off on canonical names (parse, rename, record: the stream
-alone); the shim's defaults on legacy names (what users run).  Per variant, the median of the
-ratios paired with the stock load of the same rep, the shim's own seconds, and Python's garbage
-collections during the load.  ``--against REV`` adds the defaults of the package at git revision
-REV (exported to a temporary directory): a change measured with and without it in one run.
+Four variants of the census load (``--workload real``: the real-size one; bench/workloads.py), one
+fresh interpreter each, rotated every rep: stock vLLM; a pass-through generator at the shim's hook
+point (bench/passthrough); the shim with verification and harmonization off on canonical names
+(parse, rename, record: the stream alone); the shim's defaults on legacy names (what users run).
+Per variant, the median of the ratios paired with the stock load of the same rep, the shim's own
+seconds, and Python's garbage collections during the load.  ``--against REV`` adds the defaults of
+the package at git revision REV (exported to a temporary directory): a change measured with and
+without it in one run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT")
     parser.add_argument("--against", metavar="REV", help="also the defaults of the package at this git revision")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="these variants (and --against's) only")
+    parser.add_argument("--workload", choices=["census", "real"], default="census")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="shim-ladder-") as tmp:
         against = None
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def ladder(args: argparse.Namespace, table: dict[str, tuple[dict[str, str], str, tuple[bool, bool]]]) -> int:
     python = run.vllm_python()
-    census = run.prepare(python, "census")
+    workload = run.prepare(python, args.workload)
     names = [n for n in table if not args.only or n in args.only or n.startswith("defaults at ")]
     if "stock" not in names:
         raise run.BenchError("every ratio is paired with a stock load: keep 'stock' in --only")
@@ -74,7 +77,7 @@ def ladder(args: argparse.Namespace, table: dict[str, tuple[dict[str, str], str,
     for rep in range(args.reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
             env, layout, armed = table[name]
-            r = run.measure(python, ["load", census[layout]], env)
+            r = run.measure(python, ["load", workload[layout]], env)
             if (r["shim"], r["passthrough"]) != armed:
                 raise run.BenchError(f"{name}: the load reports shim={r['shim']}, pass-through={r['passthrough']}")
             loads[name].append(r)

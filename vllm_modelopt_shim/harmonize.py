@@ -347,14 +347,14 @@ class Folder:
     and returns what to forward now.  An expert's pieces wait, as copies (some readers reuse their
     buffers), until all four are in.  A complete expert whose global scales agree goes on at once,
     as read; the others wait a little longer, until ``num_experts`` experts (one MoE layer, in
-    checkpoint order) have completed, and are folded together and forwarded expert by expert as
-    vLLM takes them: the fold's table work costs per batch, and no layer's worth of new tensors is
-    alive at once.  ``flush`` (end of a call) folds what is ready
-    and forwards the incomplete pieces as they are, keeping them for a later call.  At most
-    ``limit`` bytes wait (``budget``, or one MoE layer's gate and up block scales if that is more);
-    past that, ready experts are folded early and then the oldest incomplete expert is let go as it
-    is.  An internal error turns the folder off: everything waiting, and every later piece, passes
-    as the checkpoint holds it.
+    checkpoint order) have completed or ``BATCH`` bytes of their block scales wait, and are folded
+    together and forwarded expert by expert as vLLM takes them: the fold's table work costs per
+    batch, and no layer's worth of new tensors is alive at once.  ``flush`` (end of a call) folds
+    what is ready and forwards the incomplete pieces as they are, keeping them for a later call.
+    At most ``limit`` bytes wait (``budget``, or one MoE layer's gate and up block scales if that is
+    more); past that, ready experts are folded early and then the oldest incomplete expert is let go
+    as it is.  An internal error turns the folder off: everything waiting, and every later piece,
+    passes as the checkpoint holds it.
     """
 
     def __init__(self, *, reciprocal: bool, num_experts: int | None, budget: int = BUDGET) -> None:
