@@ -156,15 +156,11 @@ class Ledger:
         slot = self._slots.get((parsed.proj, parsed.suffix))
         index = parsed.expert * STRIDE + slot if slot is not None and slot < STRIDE else self.index(parsed)
         marks = layer.marks
-        if 0 <= index < len(marks) and not marks[index]:  # the common case
-            marks[index] = kind + 1
-            if value is not None and parsed.suffix in SCALAR_SUFFIXES:
-                layer.scalars[index] = value
-            return layer
-        if index < 0 or index >= _MOST or index < len(marks):
-            layer.extra[kind] += 1  # counted, not tracked: an odd slot or index, or a second copy (verify off)
-            return layer
-        marks.extend(bytes(index + STRIDE - len(marks)))  # an expert beyond the config's count (verify off)
+        if not 0 <= index < len(marks) or marks[index]:  # not the common case
+            if index < 0 or index >= _MOST or index < len(marks):
+                layer.extra[kind] += 1  # counted, not tracked: an odd slot or index, or a second copy (verify off)
+                return layer
+            marks.extend(bytes(index + STRIDE - len(marks)))  # an expert beyond the config's count (verify off)
         marks[index] = kind + 1
         if value is not None and parsed.suffix in SCALAR_SUFFIXES:
             layer.scalars[index] = value

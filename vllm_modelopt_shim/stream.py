@@ -85,12 +85,11 @@ def rewrite(
     clock = perf_counter
     family = ledger.family
     # (projection, suffix as written) -> the fold's kind of piece: gate/up block and global scales
-    pieces = {
-        (proj, suffix): kind
-        for suffix, kind in PIECES.get(family or "", {}).items()
-        for proj in _FOLDED
-        if fold is not None
-    }
+    pieces = (
+        {}
+        if fold is None
+        else {(proj, suffix): kind for suffix, kind in PIECES.get(family or "", {}).items() for proj in _FOLDED}
+    )
     spent = 0.0
     try:
         for name, tensor in weights:
