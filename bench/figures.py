@@ -43,6 +43,10 @@ def paired(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> dict[str, Any
         "shim_maxrss_mib": [round(a["maxrss_mib"], 1) for a in on],
         "stock_maxrss_mib": [round(b["maxrss_mib"], 1) for b in off],
         "shim_s": [round(s, 4) for s in shim_s],
+        # process CPU seconds of each load: where the wall time of a pair differs by more than the shim's
+        # own seconds, whether it ran or waited
+        "shim_cpu_s": [round(a["load_cpu_s"], 4) for a in on],
+        "stock_cpu_s": [round(b["load_cpu_s"], 4) for b in off],
         "shim_us_per_tensor": statistics.median(s / a["seen"] * 1e6 for s, a in zip(shim_s, on, strict=True)),
         # (stock + the shim's own seconds) / stock, medians: what the shim adds by its own clock, free of
         # the spread of the stock loads that dominates the paired ratios on a noisy machine

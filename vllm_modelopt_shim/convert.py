@@ -168,7 +168,7 @@ def _write(
         elif rel == Path("model.safetensors.index.json"):
             index = json.loads(path.read_text())
             index["weight_map"] = {
-                names.get(k, canonical(k, family)): v for k, v in index.get("weight_map", {}).items()
+                names[k] if k in names else canonical(k, family): v for k, v in index.get("weight_map", {}).items()
             }
             target.write_text(json.dumps(index, indent=2) + "\n")
         else:
