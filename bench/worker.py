@@ -38,9 +38,10 @@ def _warm(ckpt: str) -> None:
     resident minutes after a load, and reading it back took 0.4 s, which a load would spend waiting.
     The loads compare the shim's work with vLLM's, not disk reads.
     """
+    buffer = bytearray(1 << 20)  # one small buffer: a large read would set the process's peak RSS itself
     for shard in sorted(Path(ckpt).glob("*.safetensors")):
         with shard.open("rb", buffering=0) as f:
-            while f.read(64 << 20):
+            while f.readinto(buffer):
                 pass
 
 
