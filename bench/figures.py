@@ -47,6 +47,9 @@ def paired(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> dict[str, Any
         # own seconds, whether it ran or waited
         "shim_cpu_s": [round(a["load_cpu_s"], 4) for a in on],
         "stock_cpu_s": [round(b["load_cpu_s"], 4) for b in off],
+        # seconds the loading thread waited runnable while other processes held the cores (0 on a quiet machine)
+        "shim_queued_s": [round(a.get("queued_s", 0.0), 3) for a in on],
+        "stock_queued_s": [round(b.get("queued_s", 0.0), 3) for b in off],
         "shim_us_per_tensor": statistics.median(s / a["seen"] * 1e6 for s, a in zip(shim_s, on, strict=True)),
         # (stock + the shim's own seconds) / stock, medians: what the shim adds by its own clock, free of
         # the spread of the stock loads that dominates the paired ratios on a noisy machine
@@ -90,6 +93,9 @@ def table(figures: dict[str, Any], quick: bool) -> str:
         f"{real['shim_maxrss_mib']}, stock {real['stock_maxrss_mib']} MiB",
         f"  garbage collections while loading, [gen 0, 1, 2, seconds] per load: census shim {census['shim_gc']}, "
         f"stock {census['stock_gc']}; real size shim {real['shim_gc']}, stock {real['stock_gc']}",
+        f"  run-queue waits while loading (s, per load; other processes on the cores): census shim "
+        f"{census['shim_queued_s']}, stock {census['stock_queued_s']}; real size shim {real['shim_queued_s']}, "
+        f"stock {real['stock_queued_s']}",
         f"  fold (the Folder taking one layer's {fold['pieces']} gate/up scale pieces): {fold['experts']} experts, "
         f"{fold['changed']} changed, {fold['seconds']} s, extra peak {fold['extra_peak_mib']:.1f} MiB",
         f"  stream ({stream['tensors']} tensors, in memory): "

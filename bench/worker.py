@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import resource
 import statistics
 import sys
@@ -45,6 +46,41 @@ def _warm(ckpt: str) -> None:
                 pass
 
 
+def _children() -> int:
+    """Live processes whose parent is this one (Linux /proc; 0 elsewhere)."""
+    me, n = str(os.getpid()), 0
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if pid.isdigit():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            n += fields[1] == me and fields[0] != "Z"
+    return n
+
+
+def _settle(timeout: float = 120.0) -> float:
+    """Wait until the processes this interpreter started have exited; the seconds waited.
+
+    vLLM 0.32's import of humming starts two Python processes that build its kernel launchers in the
+    background and exit seconds later.  On a 2-core machine they held a core through the first seconds
+    of the timed load: a real-size load's loading thread waited 0.4-0.9 s runnable on the run queue, in
+    shim and stock loads alike but never by the same amount.
+    """
+    started = time.perf_counter()
+    while _children() and time.perf_counter() - started < timeout:
+        time.sleep(0.05)
+    return time.perf_counter() - started
+
+
+def _queued_s() -> float:
+    """Seconds this thread has waited runnable on the run queue (Linux schedstat; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def load(ckpt: str) -> dict[str, Any]:
     sys.path.insert(0, str(workloads.TESTS))  # the harness, not the checkout: PYTHONPATH decides the shim
     import harness
@@ -64,13 +100,15 @@ def load(ckpt: str) -> dict[str, Any]:
             gc_clock["seconds"] += time.perf_counter() - gc_clock["started"]
             collections[info["generation"]] += 1
 
+    settled = _settle()
     _warm(ckpt)
     gc.callbacks.append(on_gc)
     try:
         with set_current_vllm_config(vllm_config):
-            started, cpu = time.perf_counter(), time.process_time()
+            started, cpu, queued = time.perf_counter(), time.process_time(), _queued_s()
             loader.load_weights(model, vllm_config.model_config)
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+            queued = _queued_s() - queued
     finally:
         gc.callbacks.remove(on_gc)
     result: dict[str, Any] = {
@@ -78,6 +116,8 @@ def load(ckpt: str) -> dict[str, Any]:
         "shim": shim,
         "load_s": elapsed,
         "load_cpu_s": cpu,
+        "queued_s": queued,  # the loading thread runnable but not running: other work on the machine
+        "settle_s": settled,
         "maxrss_mib": _peak_mib(),
         "gc_collections": collections,
         "gc_s": gc_clock["seconds"],
