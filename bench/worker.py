@@ -59,8 +59,9 @@ def _children() -> int:
     return n
 
 
-def _settle(timeout: float = 120.0) -> float:
-    """Wait until the processes this interpreter started have exited; the seconds waited.
+def _settle(timeout: float = 30.0) -> None:
+    """Wait until the processes this interpreter started have exited (at most ``timeout`` seconds: a child
+    that stays would cost every load that much, never a hang).
 
     vLLM 0.32's import of humming starts two Python processes that build its kernel launchers in the
     background and exit seconds later.  On a 2-core machine they held a core through the first seconds
@@ -70,7 +71,6 @@ def _settle(timeout: float = 120.0) -> float:
     started = time.perf_counter()
     while _children() and time.perf_counter() - started < timeout:
         time.sleep(0.05)
-    return time.perf_counter() - started
 
 
 def _queued_s() -> float:
@@ -100,7 +100,7 @@ def load(ckpt: str) -> dict[str, Any]:
             gc_clock["seconds"] += time.perf_counter() - gc_clock["started"]
             collections[info["generation"]] += 1
 
-    settled = _settle()
+    _settle()
     _warm(ckpt)
     gc.callbacks.append(on_gc)
     try:
@@ -117,7 +117,6 @@ def load(ckpt: str) -> dict[str, Any]:
         "load_s": elapsed,
         "load_cpu_s": cpu,
         "queued_s": queued,  # the loading thread runnable but not running: other work on the machine
-        "settle_s": settled,
         "maxrss_mib": _peak_mib(),
         "gc_collections": collections,
         "gc_s": gc_clock["seconds"],
