@@ -1,9 +1,11 @@
 """vllm-modelopt-shim's doorbell (PYTHONPATH=<checkout>): arms the shim in every Python process.
 
 Every interpreter runs this file, most never import vLLM: so it holds only what all must run.  It
-chains the sitecustomize it shadows (Debian/Ubuntu ship one), and unless VLLM_MODELOPT_SHIM is off
-puts a stdlib-only finder on sys.meta_path that answers for vLLM's qwen3_vl_moe module alone; the
-package (settings, warnings, wrapt, the patch) loads only then.  It never raises.
+chains the sitecustomize it shadows (Debian/Ubuntu ship one) and puts a stdlib-only finder on
+sys.meta_path that answers for two vLLM modules alone: vllm.envs (the shim's variables join vLLM's
+registry, so its environment check knows them, even with the shim off) and, unless
+VLLM_MODELOPT_SHIM is off, qwen3_vl_moe (the patch).  The package (settings, warnings, wrapt, the
+patch) loads only then.  It never raises.
 __pycache__/sitecustomize.cpython-311.pyc is committed (checked-hash: used only while it matches
 this source) because compiling even an empty file costs ~1.5 ms under PYTHONDONTWRITEBYTECODE.
 """
@@ -30,14 +32,18 @@ def _chain() -> None:
 
 
 class _Doorbell:
-    """Rings once, when vLLM imports its Qwen3-VL-MoE module: hands over to vllm_modelopt_shim."""
+    """Rings when vLLM imports vllm.envs or (``patch``) its Qwen3-VL-MoE module: hands over to the package."""
 
-    vllm_modelopt_shim = True
+    def __init__(self, patch: bool) -> None:
+        self.vllm_modelopt_shim = patch  # the mark of the patching hook (the plugin's install looks for it)
+        self.names = ("vllm.envs", "vllm.model_executor.models.qwen3_vl_moe") if patch else ("vllm.envs",)
+
+    vllm_modelopt_shim_doorbell = True
 
     def find_spec(
         self, name: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
     ) -> "ModuleSpec | None":
-        if name != "vllm.model_executor.models.qwen3_vl_moe":
+        if name not in self.names:  # string compares only: most processes never import vLLM
             return None
         try:
             from vllm_modelopt_shim._bootstrap import find_spec
@@ -56,6 +62,6 @@ if not getattr(sys.modules.get("sitecustomize"), "vllm_modelopt_shim_rang", Fals
         sys.stderr.write(f"vllm-modelopt-shim: error in the shadowed sitecustomize: {type(exc).__name__}: {exc}\n")
     # the "off" spellings of settings.flag(); tests/process keeps the two in step
     off = os.environ.get("VLLM_MODELOPT_SHIM", "").strip().lower() in ("0", "false", "off", "no")
-    if not off and not any(getattr(f, "vllm_modelopt_shim", False) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Doorbell())
+    if not any(getattr(f, "vllm_modelopt_shim_doorbell", False) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Doorbell(patch=not off))
 vllm_modelopt_shim_rang = True

@@ -1,5 +1,8 @@
 """The import hook: when vLLM imports its qwen3_vl_moe module, patch it right after it executes.
 
+Also, when vLLM imports ``vllm.envs``, add the shim's variables to vLLM's registry (envnames.py),
+so that vLLM's environment check knows them: even with the shim off (VLLM_MODELOPT_SHIM=0 must not
+make ``--fail-on-environ-validation`` refuse to start).
 Reached from the repository's sitecustomize.py (whose finder delegates here) or from the
 vllm.general_plugins entry point (``install``).  Stdlib only; the hook never raises into vLLM.
 """
@@ -14,16 +17,18 @@ if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
     from types import ModuleType
 
-__all__ = ["MARK", "TARGET", "find_spec", "install", "installed"]
+__all__ = ["ENVS", "MARK", "TARGET", "find_spec", "install", "installed", "register_names"]
 
 #: vLLM's module defining Qwen3VLMoeForConditionalGeneration (0.11 through 0.33 at least)
 TARGET = "vllm.model_executor.models.qwen3_vl_moe"
+#: vLLM's registry of environment variables (envnames.py)
+ENVS = "vllm.envs"
 #: attribute that marks our finders on sys.meta_path (the doorbell's and ours): never two
 MARK = "vllm_modelopt_shim"
 
 
 class _Loader:
-    """Stands in for TARGET's real loader: runs it, steps aside, then patches."""
+    """Stands in for TARGET's (or ENVS's) real loader: runs it, steps aside, then patches (registers)."""
 
     def __init__(self, loader: object) -> None:
         self._loader = loader
@@ -39,7 +44,11 @@ class _Loader:
         module.__loader__ = self._loader  # type: ignore[assignment]  # leave no trace on the module
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader  # type: ignore[assignment]
-        sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, MARK, False)]
+        if module.__name__ == ENVS:
+            register_names(module)
+            return
+        if ENVS in sys.modules:  # both done: our finders leave sys.meta_path
+            sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, MARK, False)]
         _patch(module)
 
 
@@ -66,7 +75,7 @@ class _Finder:
     def find_spec(
         self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        return find_spec(self, name, path, target) if name == TARGET else None
+        return find_spec(self, name, path, target) if name in (TARGET, ENVS) else None
 
 
 def _patch(module: ModuleType) -> None:
@@ -80,6 +89,18 @@ def _patch(module: ModuleType) -> None:
         )
 
 
+def register_names(envs: ModuleType | None = None) -> None:
+    """The shim's variables into vLLM's registry (``envs``, or ENVS if already imported); never raises."""
+    try:
+        envs = envs if envs is not None else sys.modules.get(ENVS)
+        if envs is not None:
+            from . import envnames
+
+            envnames.register(envs)
+    except Exception as exc:  # never break vLLM's import
+        sys.stderr.write(f"vllm-modelopt-shim: variables not registered ({type(exc).__name__}: {exc})\n")
+
+
 def installed() -> bool:
     """Whether an import hook (the doorbell's or the plugin's) is armed in this process."""
     return any(getattr(f, MARK, False) for f in sys.meta_path)
@@ -87,6 +108,7 @@ def installed() -> bool:
 
 def install() -> None:
     """Patch now if vLLM's module is loaded, else arm the hook; idempotent (never twice)."""
+    register_names()
     module = sys.modules.get(TARGET)
     if module is not None:
         _patch(module)
