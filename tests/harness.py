@@ -6,10 +6,10 @@ start-up by sitecustomize):
     PYTHONPATH=<checkout> python tests/harness.py CKPT [CKPT ...]    # prints one JSON line per checkpoint
 
 Follows vLLM's own path (facts.md section 3): EngineArgs -> create_engine_config, gloo world of 1,
-get_model_loader, initialize_model on CPU, loader.load_weights.  CPU needs three test-only settings:
-the CPU platform, a NVFP4 MoE backend choice that tolerates CPU (no kernel runs while loading), and
-vLLM's emulation NVFP4 linear kernel registered for CPU.  ``process_weights_after_loading`` repacks
-for GPU kernels and is not run.
+get_model_loader, initialize_model on CPU, loader.load_weights.  CPU needs four test-only settings:
+the CPU platform, a NVFP4 MoE backend choice that tolerates CPU (no kernel runs while loading),
+vLLM's emulation NVFP4 linear kernel registered for CPU, and (0.34+) Triton declared present.
+``process_weights_after_loading`` repacks for GPU kernels and is not run.
 
 Before loading, every parameter is filled with a sentinel (NaN, or 0xFF bytes) so a parameter vLLM never
 wrote is visible afterwards.
@@ -23,6 +23,7 @@ on the second expert, to prove the load fails open.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -68,6 +69,22 @@ def force_cpu_platform() -> None:
     from vllm.platforms.cpu import CpuPlatform
 
     platforms._current_platform = CpuPlatform()
+
+
+def allow_x86_cpu_without_triton() -> None:
+    """vLLM 0.34+ refuse x86 CPUs without triton-cpu at config time (``RuntimeError: vLLM on x86 CPUs
+    requires Triton``); loading runs no Triton kernel.  Detected in the CPU platform's own check."""
+    import inspect
+
+    import vllm.triton_utils as triton_utils
+    from vllm.platforms.cpu import CpuPlatform
+
+    if getattr(triton_utils, "HAS_TRITON", True):
+        return
+    check = getattr(CpuPlatform, "check_and_update_config", None)
+    with contextlib.suppress(OSError, TypeError):
+        if check is not None and "requires Triton" in inspect.getsource(check):
+            triton_utils.HAS_TRITON = True
 
 
 def tolerate_nvfp4_on_cpu() -> None:
@@ -144,6 +161,7 @@ def _init_distributed() -> None:
 def build(ckpt: str, after_config: Any = None) -> tuple[Any, Any, Any]:
     """(model, loader, vllm_config) for ``ckpt``, built the way vLLM builds it, on CPU."""
     force_cpu_platform()  # before vLLM's engine modules read (and cache) the platform
+    allow_x86_cpu_without_triton()
     from vllm.config import set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import get_model_loader
@@ -405,8 +423,9 @@ def _run_one(ckpt: str, attach: Any) -> dict[str, Any]:
 
         result["patched"] = patch.is_applied()
         ledger = patch.last_ledger()
-        if ledger is not None:  # every scale value the shim checked
+        if ledger is not None:  # every scale value the shim checked; how it judged the last call
             result["scales"] = {"values": dict(ledger.scalars())}
+            result["full"] = ledger.full
     except Exception:
         result["patched"] = False
     return result

@@ -32,7 +32,7 @@ __all__ = ["CLASS", "TESTED", "apply", "full_load", "is_applied", "last_ledger",
 
 CLASS = "Qwen3VLMoeForConditionalGeneration"
 #: vLLM releases the test matrix proves; outside it the shim warns once and keeps working.
-TESTED = ((0, 17, 1), (0, 33, 0))
+TESTED = ((0, 17, 1), (0, 34, 0))
 _MARK = "_self_vllm_modelopt_shim"
 
 logger = logging.getLogger("vllm.modelopt_shim")
