@@ -1,6 +1,9 @@
-"""Command line: vllm-modelopt-shim doctor DIR | status | convert SRC DST  (or python -m vllm_modelopt_shim ...).
+"""Command line: doctor DIR | status | convert SRC DST.
 
-Exit status: 0 loadable (doctor) or printed (status); 1 cannot-load-correctly; 2 usage errors.
+From a checkout (on PYTHONPATH, or as the working directory): python3 -m vllm_modelopt_shim ...;
+after pip install: vllm-modelopt-shim ...  Run status with the python that runs vLLM.
+Exit status: 0 loadable (doctor), written (convert) or printed (status); 1 cannot-load-correctly;
+2 usage errors.
 """
 
 from __future__ import annotations
@@ -13,14 +16,26 @@ import sys
 __all__ = ["main"]
 
 
-def _doctor(args: argparse.Namespace) -> int:
+#: the console script a pip install puts on PATH
+SCRIPT = "vllm-modelopt-shim"
+
+
+def _prog() -> str:
+    """How this command was run: the console script, or ``python3 -m`` from a checkout (which has no script)."""
+    return SCRIPT if os.path.basename(sys.argv[0] or "") == SCRIPT else "python3 -m vllm_modelopt_shim"
+
+
+def _doctor(args: argparse.Namespace, prog: str) -> int:
     from .doctor import CANNOT, diagnose, render
 
     try:
         d = diagnose(args.dir)
     except (OSError, ValueError) as exc:
         print(f"vllm-modelopt-shim doctor: {exc}", file=sys.stderr)
+        if args.json:  # still exactly one object on stdout
+            print(json.dumps({"path": str(args.dir), "verdict": None, "error": str(exc)}, indent=2))
         return 2
+    d.convert_command = f"{prog} convert"
     print(json.dumps(d.as_dict(), indent=2) if args.json else render(d))
     return 1 if d.verdict == CANNOT else 0
 
@@ -85,7 +100,9 @@ def status_lines() -> list[str]:
     lines.append(_wrapt_line())
     version = patch.vllm_version()
     if version == "unknown":
-        lines.append("vLLM: not installed in this interpreter")
+        lines.append(
+            f"vLLM: not installed in this interpreter ({sys.executable}): run status with the python that runs vLLM"
+        )
         return lines
     lines.append(
         f"vLLM: {version} (tested {'.'.join(map(str, patch.TESTED[0]))} to {'.'.join(map(str, patch.TESTED[1]))})"
@@ -109,20 +126,37 @@ def status_lines() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-modelopt-shim", description=__doc__)
+    prog = _prog()
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     doc = sub.add_parser("doctor", help="will this checkpoint load correctly? (config and headers only)")
     doc.add_argument("dir", help="checkpoint directory (config.json, *.safetensors)")
     doc.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    sub.add_parser("status", help="what the shim does in this interpreter")
-    conv = sub.add_parser("convert", help="write a copy of a checkpoint that stock vLLM loads correctly")
+    sub.add_parser(
+        "status",
+        help="what the shim does in this interpreter (run it with the python that runs vLLM)",
+        description="What the shim does in this interpreter: run it with the python that runs vLLM.",
+    )
+    conv = sub.add_parser(
+        "convert",
+        help="write a copy of a checkpoint that stock vLLM loads correctly",
+        description=(
+            "Write a copy of SRC that stock vLLM loads correctly: canonical expert names, and by default "
+            "harmonized gate/up global scales, which needs numpy. --no-harmonize copies every tensor "
+            "byte-exact and needs nothing beyond Python (no numpy, no torch, no vLLM)."
+        ),
+    )
     conv.add_argument("src", help="checkpoint directory")
     conv.add_argument("dst", help="new directory (must not exist, or be empty)")
-    conv.add_argument("--no-harmonize", action="store_true", help="every tensor byte-exact (no torch needed)")
+    conv.add_argument(
+        "--no-harmonize",
+        action="store_true",
+        help="every tensor byte-exact; needs nothing beyond Python (the default, harmonized, needs numpy)",
+    )
     conv.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     args = parser.parse_args(argv)
     if args.command == "doctor":
-        return _doctor(args)
+        return _doctor(args, prog)
     if args.command == "convert":
         from .convert import main_convert
 

@@ -49,6 +49,8 @@ class Diagnosis:
         self.shards_read: list[shards.Shard] = []  # the checked headers, for convert
         self.worst_scale_ratio = 1.0
         self.mismatched_experts = 0
+        #: how the advice spells the convert command (the command line sets the form it was run as)
+        self.convert_command = "vllm-modelopt-shim convert"
 
     @property
     def renames(self) -> int:
@@ -69,13 +71,13 @@ class Diagnosis:
             return (
                 f"stock vLLM loads it, but dequantizes up_proj of {self.mismatched_experts} experts with gate's "
                 "scale: for accurate weights serve it with the shim, or write a harmonized copy with "
-                "`vllm-modelopt-shim convert`"
+                f"`{self.convert_command}`"
                 if self.verdict == STOCK
-                else "serve it with the shim, or write a copy stock vLLM loads with `vllm-modelopt-shim convert`"
+                else f"serve it with the shim, or write a copy stock vLLM loads with `{self.convert_command}`"
             )
         if self.verdict == STOCK:
             return "stock vLLM loads it as it is"
-        return "serve it with the shim, or write a copy stock vLLM loads with `vllm-modelopt-shim convert`"
+        return f"serve it with the shim, or write a copy stock vLLM loads with `{self.convert_command}`"
 
     def as_dict(self) -> dict[str, Any]:
         ledger = self.ledger
@@ -184,18 +186,43 @@ class _Scalars:
             m.close()
 
 
-def diagnose(path: str | os.PathLike[str]) -> Diagnosis:
-    """Diagnose a checkpoint directory (raises FileNotFoundError / ValueError for unusable input)."""
-    root = Path(path)
+#: what a checkpoint directory holds, for messages
+_EXPECTED = "config.json and *.safetensors"
+
+
+def _checkpoint_dir(root: Path) -> Path:
+    """``root/config.json``; an OSError naming ``root`` itself when it is not a checkpoint directory."""
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such directory (expected a checkpoint directory: {_EXPECTED})")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory (expected a checkpoint directory: {_EXPECTED})")
     config_file = root / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: point the doctor at a checkpoint directory")
-    config = json.loads(config_file.read_text())
+        raise FileNotFoundError(f"{root} has no config.json: not a checkpoint directory ({_EXPECTED})")
+    return config_file
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object; a ValueError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def diagnose(path: str | os.PathLike[str]) -> Diagnosis:
+    """Diagnose a checkpoint directory (raises OSError / ValueError, naming the path, for unusable input)."""
+    root = Path(path)
+    config = _json_object(_checkpoint_dir(root))
     hf_quant_file = root / "hf_quant_config.json"
-    hf_quant = json.loads(hf_quant_file.read_text()) if hf_quant_file.is_file() else None
+    hf_quant = _json_object(hf_quant_file) if hf_quant_file.is_file() else None
     d = Diagnosis(root)
     d.quantization, d.family = _quantization(config, hf_quant)
-    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
+    text_config = config.get("text_config")
+    text: Mapping[str, Any] = text_config if isinstance(text_config, Mapping) else config
     experts = text.get("num_experts", text.get("num_local_experts"))
     d.num_experts = experts if isinstance(experts, int) else None
 
@@ -207,7 +234,7 @@ def diagnose(path: str | os.PathLike[str]) -> Diagnosis:
     d.shards_read = good
     d.shards = len(good) + sum(isinstance(p, DamagedShardError) for p in d.problems)
     if not d.shards:
-        raise ValueError(f"no *.safetensors in {root}")
+        raise ValueError(f"{root} holds no *.safetensors: not a checkpoint directory ({_EXPECTED})")
     ledger = d.ledger = Ledger(d.family, d.num_experts)
     scalars = _Scalars()
     try:

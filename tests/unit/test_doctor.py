@@ -165,6 +165,75 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert info.value.code == 2
 
 
+def _not_a_checkpoint(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A directory argument the doctor cannot use, and the words its message must carry."""
+    if kind == "missing directory":
+        return tmp_path / "nowhere", "no such directory"
+    if kind == "a file":
+        (tmp_path / "model.safetensors").write_bytes(b"")
+        return tmp_path / "model.safetensors", "is not a directory"
+    if kind == "no config.json":
+        return tmp_path, "has no config.json"
+    if kind == "no shards":
+        (tmp_path / "config.json").write_text("{}")
+        return tmp_path, "holds no *.safetensors"
+    if kind == "config.json not JSON":
+        (tmp_path / "config.json").write_text("{not json")
+        return tmp_path / "config.json", "is not valid JSON"
+    raise AssertionError(kind)
+
+
+NOT_A_CHECKPOINT = ["missing directory", "a file", "no config.json", "no shards", "config.json not JSON"]
+
+
+@pytest.mark.parametrize("kind", NOT_A_CHECKPOINT)
+def test_json_on_a_usage_error_is_still_exactly_one_object_naming_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """--help promises one JSON object on stdout: a usage error (exit 2) is one too, with the message."""
+    named, words = _not_a_checkpoint(tmp_path, kind)
+    target = named if kind != "config.json not JSON" else tmp_path
+    assert main(["doctor", str(target), "--json"]) == 2
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)  # the whole of stdout: exactly one object
+    assert isinstance(data, dict) and data["verdict"] is None and data["path"] == str(target)
+    assert str(named) in data["error"] and words in data["error"], data
+    assert data["error"] in captured.err  # the same message for a reader of stderr
+
+
+@pytest.mark.parametrize("kind", NOT_A_CHECKPOINT)
+def test_the_table_forms_usage_error_names_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    named, words = _not_a_checkpoint(tmp_path, kind)
+    target = named if kind != "config.json not JSON" else tmp_path
+    assert main(["doctor", str(target)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith("vllm-modelopt-shim doctor: ") and str(named) in line and words in line, line
+
+
+def test_a_missing_directory_is_named_not_its_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no" / "such" / "checkpoint"
+    assert main(["doctor", str(missing), "--json"]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error.startswith(f"{missing}: no such directory") and "config.json not found" not in error, error
+
+
+def test_the_advice_spells_convert_as_this_command_was_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout has no console script: run as python -m, the advice must not send the user to one."""
+    ckpt = checkpoint(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["/checkout/vllm_modelopt_shim/__main__.py"])
+    assert main(["doctor", str(ckpt), "--json"]) == 0
+    assert "`python3 -m vllm_modelopt_shim convert`" in json.loads(capsys.readouterr().out)["advice"]
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/vllm-modelopt-shim"])
+    assert main(["doctor", str(ckpt), "--json"]) == 0
+    assert "`vllm-modelopt-shim convert`" in json.loads(capsys.readouterr().out)["advice"]
+
+
 def test_human_output_is_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor", str(checkpoint(tmp_path))]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""status: the lines a newcomer reads first (pure parts; the process tests run it for real)."""
+"""status and --help: the lines a newcomer reads first (pure parts; the process tests run status for real)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     out = capsys.readouterr().out
     assert "``" not in out and "vllm-modelopt-shim" in out and "convert" in out
+
+
+def test_convert_help_says_what_each_mode_needs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The default (harmonizing) mode needs numpy; --no-harmonize needs nothing beyond Python."""
+    with pytest.raises(SystemExit) as info:
+        main(["convert", "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    option = out[out.index("--no-harmonize every tensor") :]
+    assert "nothing beyond Python" in option and "needs numpy" in option
+    assert "by default harmonized gate/up global scales, which needs numpy" in out
+
+
+def test_status_help_names_the_interpreter_to_run_it_in(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["status", "--help"])
+    assert "the python that runs vLLM" in " ".join(capsys.readouterr().out.split())
