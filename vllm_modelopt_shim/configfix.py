@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigConflictError
@@ -25,16 +26,13 @@ _WHY_TOPK = "transformers 5 omits it because its router always renormalizes top-
 _WHY_EXPERTS = "the transformers 5 spelling, which transformers 4.57 does not read (it would use 60)"
 
 
+@dataclass(slots=True)
 class Fill:
     """One setting config.json implies but does not spell the way some transformers reads it."""
 
-    __slots__ = ("key", "value", "why")
-
-    def __init__(self, key: str, value: Any, why: str) -> None:
-        self.key, self.value, self.why = key, value, why
-
-    def __repr__(self) -> str:
-        return f"Fill({self.key!r}, {self.value!r})"
+    key: str
+    value: Any
+    why: str
 
     def describe(self) -> str:
         return f"text_config.{self.key} = {self.value!r} ({self.why})"

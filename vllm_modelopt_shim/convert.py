@@ -215,7 +215,7 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
     offset -> new bytes, per shard (needs numpy)."""
     import numpy as np
 
-    from .harmonize import fold_many
+    from .fp8 import fold_many
 
     block, glob = "weight_scale", "weight_global_scale" if family == COMPRESSED else "weight_scale_2"
     where: dict[tuple[str, int, str, str], tuple[shards.Shard, shards.Entry]] = {}

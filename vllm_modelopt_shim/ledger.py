@@ -80,9 +80,10 @@ class Layer:
 class Ledger:
     """Counts, coverage and scalar scale values of one load (or one doctor run)."""
 
-    def __init__(self, family: str | None, num_experts: int | None) -> None:
+    def __init__(self, family: str | None, num_experts: int | None, *, full: bool = False) -> None:
         self.family = family
         self.num_experts = num_experts
+        self.full = full  # a whole checkpoint (patch.full_load), not a weight update
         #: every layer starts with room for this many (expert, slot) marks
         self.width = (num_experts if num_experts is not None else _EXPERTS) * STRIDE
         self.layers: dict[str, Layer] = {}

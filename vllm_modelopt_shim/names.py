@@ -13,6 +13,7 @@ Layouts of one MoE layer's experts in a checkpoint:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 __all__ = [
     "LEGACY",
@@ -72,33 +73,15 @@ def family_of(quant_method: str | None) -> str | None:
     return None
 
 
+@dataclass(slots=True)
 class ExpertName:
     """One parsed expert tensor name; ``expert`` is -1 for fused 3-D tensors."""
 
-    __slots__ = ("expert", "layout", "prefix", "proj", "suffix")
-
-    def __init__(self, prefix: str, expert: int, proj: str, suffix: str, layout: str) -> None:
-        self.prefix = prefix
-        self.expert = expert
-        self.proj = proj
-        self.suffix = suffix
-        self.layout = layout
-
-    def __repr__(self) -> str:
-        return f"ExpertName({self.prefix!r}, {self.expert}, {self.proj!r}, {self.suffix!r}, {self.layout!r})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ExpertName):
-            return NotImplemented
-        return (self.prefix, self.expert, self.proj, self.suffix, self.layout) == (
-            other.prefix,
-            other.expert,
-            other.proj,
-            other.suffix,
-            other.layout,
-        )
-
-    __hash__ = None  # type: ignore[assignment]
+    prefix: str
+    expert: int
+    proj: str
+    suffix: str
+    layout: str
 
 
 _PROJ_SET = frozenset(PROJECTIONS)

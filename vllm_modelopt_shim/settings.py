@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -32,34 +33,18 @@ def _stderr(message: str) -> None:
         sys.stderr.write(f"vllm-modelopt-shim: WARNING {message}\n")
 
 
+@dataclass(frozen=True, slots=True)
 class Settings:
-    """What the shim does in this process; immutable once read."""
+    """What the shim does in this process; immutable once read (set the environment variables instead)."""
 
-    __slots__ = ("enabled", "harmonize", "report_dir", "verify")
+    enabled: bool = True
+    verify: str = "error"
+    harmonize: bool = True
+    report_dir: str | None = None
 
-    def __init__(
-        self, enabled: bool = True, verify: str = "error", harmonize: bool = True, report_dir: str | None = None
-    ) -> None:
-        if verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
-        for key, value in (
-            ("enabled", enabled),
-            ("verify", verify),
-            ("harmonize", harmonize),
-            ("report_dir", report_dir),
-        ):
-            object.__setattr__(self, key, value)
-
-    enabled: bool
-    verify: str
-    harmonize: bool
-    report_dir: str | None
-
-    def __setattr__(self, key: str, value: object) -> None:
-        raise AttributeError("Settings are frozen; set the environment variables instead")
-
-    def __repr__(self) -> str:
-        return "Settings(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+    def __post_init__(self) -> None:
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {self.verify!r}")
 
 
 def flag(env: Mapping[str, str], key: str, warn: Callable[[str], None] = _stderr) -> bool:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DamagedShardError
@@ -29,24 +30,29 @@ BITS = {
 }  # fmt: skip
 
 
+@dataclass(slots=True)
 class Entry:
     """One tensor of a shard: ``start``/``end`` are byte offsets into the data region."""
 
-    __slots__ = ("dtype", "end", "name", "shape", "start")
-
-    def __init__(self, name: str, dtype: str, shape: list[int], start: int, end: int) -> None:
-        self.name, self.dtype, self.shape, self.start, self.end = name, dtype, shape, start, end
+    name: str
+    dtype: str
+    shape: list[int]
+    start: int
+    end: int
 
     def as_json(self) -> dict[str, object]:
         return {"dtype": self.dtype, "shape": self.shape, "data_offsets": [self.start, self.end]}
 
 
+@dataclass(slots=True)
 class Shard:
     """A checked safetensors file: its entries in header order and where its data region starts."""
 
-    def __init__(self, path: Path, size: int, data_start: int, entries: dict[str, Entry], metadata: object) -> None:
-        self.path, self.size, self.data_start = path, size, data_start
-        self.entries, self.metadata = entries, metadata
+    path: Path
+    size: int
+    data_start: int
+    entries: dict[str, Entry]
+    metadata: object
 
 
 def _damaged(path: Path, what: str) -> DamagedShardError:

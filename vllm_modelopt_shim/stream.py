@@ -26,11 +26,11 @@ if TYPE_CHECKING:
 
         def take(
             self, prefix: str, expert: int, proj: str, kind: str, name: str, tensor: Any, value: float | None
-        ) -> Iterable[tuple[str, Any]]: ...
+        ) -> list[tuple[str, Any]]: ...
 
-        def flush(self) -> Iterable[tuple[str, Any]]: ...
+        def flush(self) -> list[tuple[str, Any]]: ...
 
-        def drop(self) -> Iterable[tuple[str, Any]]: ...
+        def drop(self) -> list[tuple[str, Any]]: ...
 
 
 __all__ = ["PIECES", "rewrite"]
@@ -45,21 +45,6 @@ _FOLDED = frozenset({"gate_proj", "up_proj"})
 
 def _raise(problem: CheckpointError) -> None:
     raise problem
-
-
-def _timed(items: Iterable[tuple[str, T]], ledger: Ledger) -> Generator[tuple[str, T], None, None]:
-    """Forward what the fold hands over lazily, its work counted in ``ledger.seconds`` (vLLM's is not)."""
-    clock = perf_counter
-    it = iter(items)
-    while True:
-        started = clock()
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        finally:
-            ledger.seconds += clock() - started
-        yield item
 
 
 def rewrite(
@@ -121,7 +106,7 @@ def rewrite(
             if kind is not None:
                 out = fold.take(parsed.prefix, parsed.expert, parsed.proj, kind, new, tensor, value)  # type: ignore[union-attr]
                 spent += clock() - started
-                yield from out if isinstance(out, list) else _timed(out, ledger)
+                yield from out
                 continue
             spent += clock() - started
             yield new, tensor
@@ -129,6 +114,6 @@ def rewrite(
             started = clock()
             rest = fold.drop() if final else fold.flush()
             spent += clock() - started
-            yield from _timed(rest, ledger)
+            yield from rest
     finally:
         ledger.seconds += spent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,25 @@ def test_harmonized_gate_and_up_match_the_checkpoint(harmonized: dict[str, Any],
 
 
 @pytest.mark.parametrize("name", list(MISMATCHED))
-def test_one_line_says_how_many_experts_and_the_worst_error(harmonized: dict[str, Any], name: str) -> None:
-    lines = [x for x in harmonized[name]["shim_log"] if "harmonized gate/up global scales" in x]
-    assert len(lines) == 1 and "of 8 experts" in lines[0] and "->" in lines[0], harmonized[name]["shim_log"]
+def test_one_line_says_how_many_experts_and_the_worst_error(
+    harmonized: dict[str, Any], exact: dict[str, Any], name: str
+) -> None:
+    """The INFO line's figures are the load's: experts whose gate/up global scales differ in the checkpoint,
+    up's error as a byte-exact load leaves it, and the error left after the fold (both measured here)."""
+    r = harmonized[name]
+    lines = [x for x in r["shim_log"] if "harmonized gate/up global scales" in x]
+    assert len(lines) == 1, r["shim_log"]
+    m = re.search(r"of (\d+) of (\d+) experts: worst relative error ([\d.]+)% -> ([\d.]+)%", lines[0])
+    assert m is not None, lines[0]
+    changed, experts, before, after = int(m[1]), int(m[2]), float(m[3]), float(m[4])
+    values = r["scales"]["values"]
+    glob = "weight_global_scale" if name.startswith("ct") else "weight_scale_2"
+    apart = sum(
+        values[n] != values[n.replace(".gate_proj.", ".up_proj.")]
+        for n in values
+        if ".gate_proj." in n and n.endswith("." + glob)
+    )
+    assert experts == 8 and changed == apart > 0
+    assert before == pytest.approx(100 * exact[name]["dequant"]["up"], abs=0.06)
+    measured = 100 * max(r["dequant"]["gate"], r["dequant"]["up"])
+    assert 0.0 < after <= 4.0 and after == pytest.approx(measured, rel=0.5), (after, measured)

@@ -38,6 +38,14 @@ def test_any_split_loads_the_bytes_of_one_full_load(runs: dict[str, Any], calls:
         assert split["unwritten"] == []
 
 
+@pytest.mark.parametrize("name", CKPTS)
+def test_only_the_loaders_own_iterator_is_a_full_load(runs: dict[str, Any], name: str) -> None:
+    """The rule (patch.full_load) pinned on this release: vLLM's loader hands ``model.load_weights`` its
+    ``get_all_weights`` generator, judged whole; a list of tensors (every weight update) is not."""
+    assert runs["loader"][name]["full"] is True
+    assert all(runs[calls][name]["full"] is False for calls in SPLITS)
+
+
 def test_byte_exact_mode_splits_equal_one_full_load_too(paths: Paths, runs: dict[str, Any]) -> None:
     exact = vllm_runs.run(paths(*CKPTS), HARNESS_CALLS="every", VLLM_MODELOPT_SHIM_HARMONIZE="0")
     one = vllm_runs.run(paths(*CKPTS), VLLM_MODELOPT_SHIM_HARMONIZE="0")

@@ -26,9 +26,15 @@ def test_committed_bytecode_is_for_this_interpreter() -> None:
     assert PYC.read_bytes()[:4] == importlib.util.MAGIC_NUMBER
 
 
-def test_the_doorbell_and_settings_agree_on_off() -> None:
+@pytest.mark.parametrize("value", ["", "1", "on", " TRUE ", "yes", "0", "off", " False", "NO", "2", "disabled"])
+def test_the_doorbell_and_settings_agree_on_off(value: str) -> None:
+    """The doorbell (stdlib only) arms its hook exactly when settings.flag calls the shim on."""
+    import os
+    import subprocess
+
     from vllm_modelopt_shim import settings
 
-    text = (ROOT / "sitecustomize.py").read_text()
-    spelled = "(" + ", ".join(f'"{v}"' for v in settings._FALSE) + ")"
-    assert f"in {spelled}" in text
+    probe = "import sys; print(any(getattr(f, 'vllm_modelopt_shim', False) for f in sys.meta_path))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_MODELOPT_SHIM": value}
+    armed = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert armed.stdout.strip() == str(settings.flag({settings.ENABLE: value}, settings.ENABLE, warn=lambda _m: None))

@@ -52,4 +52,4 @@ def test_settings_are_frozen() -> None:
         s.enabled = False  # type: ignore[misc]
     with pytest.raises(ValueError):
         Settings(verify="sometimes")
-    assert repr(Settings()) == "Settings(enabled=True, harmonize=True, report_dir=None, verify='error')"
+    assert repr(Settings()) == "Settings(enabled=True, verify='error', harmonize=True, report_dir=None)"
