@@ -199,7 +199,7 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     else:
         weights, args = args[0], args[1:]
     full, local = full_load(weights)
-    ledger = Ledger(_family(instance), _num_experts(instance))
+    ledger = Ledger(_family(instance), _num_experts(instance), full=full)
     _state["ledger"] = ledger
     check = settings.verify != "off"
     on_problem = _raise if settings.verify == "error" else _log_problem
@@ -251,36 +251,26 @@ def _item() -> Any:
 
 
 def full_load(weights: object) -> tuple[bool, frozenset[int] | None]:
-    """Whether ``weights`` is a whole checkpoint read by one of vLLM's model loaders; its local experts.
+    """Whether ``weights`` is a whole checkpoint, and the experts this rank holds (None: all).
 
-    A full load is vLLM's loader handing over its own ``get_all_weights`` generator (the initial
-    load, and ``reload_weights`` from disk), or a call made from a loader's ``load_weights``.
-    Anything else (weight updates, a reload with the caller's iterator) is judged tensor by
-    tensor.  Unsure is "not a full load": nothing is then refused for what the call lacks.
-    The second value is the expert indices vLLM's expert-parallel weight filter lets through
-    (None: all).
+    The rule: a full load is an iterator made by a vLLM model loader's ``get_all_weights`` (the
+    initial load and ``reload_weights`` from disk hand it over as it is); every other call (weight
+    updates, a reload with the caller's iterator, loaders with iterators of their own) is judged
+    tensor by tensor, so nothing is refused for what it lacks.  The local experts are those the
+    loader's expert-parallel weight filter lets through (``local_expert_ids``).
     """
+    code = getattr(weights, "gi_code", None)
+    frame = getattr(weights, "gi_frame", None)  # an unstarted generator's frame holds its arguments
+    if getattr(code, "co_name", None) != "get_all_weights" or frame is None:
+        return False, None
     try:
         from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     except Exception:
         return False, None
-    owner = None
-    frame, code = getattr(weights, "gi_frame", None), getattr(weights, "gi_code", None)
-    if frame is not None and getattr(code, "co_name", None) == "get_all_weights":
-        owner = frame.f_locals.get("self")
-    if not isinstance(owner, BaseModelLoader):
-        owner = None
-        caller = sys._getframe(1)
-        for _ in range(8):  # wrapt and our wrapper sit between the loader and here
-            caller = caller.f_back  # type: ignore[assignment]
-            if caller is None:
-                break
-            if caller.f_code.co_name == "load_weights" and isinstance(caller.f_locals.get("self"), BaseModelLoader):
-                owner = caller.f_locals["self"]
-                break
-    if owner is None:
+    loader = frame.f_locals.get("self")
+    if not isinstance(loader, BaseModelLoader):
         return False, None
-    local = getattr(owner, "local_expert_ids", None)
+    local = getattr(loader, "local_expert_ids", None)
     return True, frozenset(local) if isinstance(local, (set, frozenset)) else None
 
 
