@@ -15,8 +15,8 @@ import sys
 import time
 import weakref
 
+from . import epfilter, verify
 from . import settings as _settings
-from . import verify
 from .errors import CheckpointError
 from .ledger import Ledger
 from .names import COMPRESSED, MODELOPT, family_of
@@ -127,6 +127,7 @@ def apply(module: ModuleType) -> bool:
     if "__init__" in cls.__dict__:
         wrapt.wrap_function_wrapper(cls, "__init__", _init)
         setattr(cls.__dict__["__init__"], _MARK, True)
+    epfilter.apply()
     _state.update(applied=True, reason="applied")
     return True
 

@@ -10,10 +10,13 @@ A ``vllm.general_plugins`` entry point; does nothing unless vLLM's current platf
   (``w13_weight_scale_2[:, 0]`` for gate and up), ``w2_weight_scale_2`` per expert, activations
   NVFP4-quantize-dequantized with the global scales ``1 / max(w13_input_scale)`` and
   ``1 / max(w2_input_scale)``.
+- ``E2E_READ_LOG=DIR``: every tensor name vLLM's safetensors iterators read from disk (``get_tensor``)
+  is appended to ``DIR/reads-<pid>.txt`` (the EP weight filter test counts them per rank).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 _done = False
@@ -28,9 +31,40 @@ def register() -> None:
             return
         _register_linear()
         _register_moe()
+        if os.environ.get("E2E_READ_LOG"):
+            _count_reads(os.environ["E2E_READ_LOG"])
         _done = True
     except Exception as exc:  # a plugin that raises breaks vLLM's start-up: say so, run stock
         sys.stderr.write(f"nvfp4_cpu_plugin: not registered ({type(exc).__name__}: {exc})\n")
+
+
+def _count_reads(directory: str) -> None:
+    """Record each tensor read through ``weight_utils.safe_open`` (a module global, looked up per file)."""
+    from vllm.model_executor.model_loader import weight_utils
+
+    real = weight_utils.safe_open
+    log = os.path.join(directory, f"reads-{os.getpid()}.txt")
+
+    class CountingSafeOpen:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self._file = real(*args, **kwargs)
+
+        def __enter__(self) -> CountingSafeOpen:
+            self._file.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> object:
+            return self._file.__exit__(*exc)
+
+        def get_tensor(self, name: str) -> object:
+            with open(log, "a") as out:
+                out.write(name + "\n")
+            return self._file.get_tensor(name)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._file, name)
+
+    weight_utils.safe_open = CountingSafeOpen
 
 
 def _register_linear() -> None:
