@@ -273,6 +273,10 @@ def main_convert(args: Any) -> int:
         result = convert(args.src, args.dst, harmonize=not args.no_harmonize, progress=sys.stderr)
     except (UsageError, OSError, ValueError) as exc:  # diagnose: no config, no shards; and usage
         print(f"vllm-modelopt-shim convert: {exc}", file=sys.stderr)
+        if args.json:  # still exactly one object on stdout
+            print(
+                json.dumps({"src": str(args.src), "dst": str(args.dst), "verdict": None, "error": str(exc)}, indent=2)
+            )
         return 2
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))

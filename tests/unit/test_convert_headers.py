@@ -134,3 +134,12 @@ def test_no_harmonize_runs_without_torch(src: Path, tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert r.returncode == 0, r.stderr
     assert "[convert] shard 2/2" in r.stderr and "96 tensors renamed" in r.stderr  # progress and summary on stderr
+
+
+def test_convert_json_prints_one_object_on_a_usage_error_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere"
+    assert main(["convert", str(missing), str(tmp_path / "dst"), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"] is None and str(missing) in out["error"] and not (tmp_path / "dst").exists()
