@@ -73,8 +73,8 @@ def ensure(version: str = DEFAULT_VERSION, cpu: bool = False, quiet: bool = Fals
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     log = sys.stderr
-    size_hint = "3.6 GB" if cpu else "8.5-10.5 GB"
-    print(f"[venv] creating {path} (vLLM {version}{' cpu' if cpu else ''}; 2-4 min, {size_hint})", file=log, flush=True)
+    size_hint = "~2 min, 3.6 GB" if cpu else "2-4 min, 8.5-10.5 GB"
+    print(f"[venv] creating {path} (vLLM {version}{' cpu' if cpu else ''}; {size_hint})", file=log, flush=True)
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
     py = str(python_of(path))
