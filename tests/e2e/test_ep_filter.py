@@ -5,9 +5,10 @@
 2 of the 4 experts.  The test-only CPU plugin records every tensor vLLM reads from disk
 (``E2E_READ_LOG``), per process.
 
-    shim_epf     PYTHONPATH=<checkout> (the doorbell), legacy names, VLLM_MODELOPT_SHIM_HARMONIZE=0
-    plugin_epf   the pip-installed package only (its vllm.general_plugins entry point), the same
-    stock_epf    no shim, the same tensors under canonical names
+    shim_epf           PYTHONPATH=<checkout> (the doorbell), legacy names, VLLM_MODELOPT_SHIM_HARMONIZE=0
+    plugin_epf         the pip-installed package only (its vllm.general_plugins entry point), the same
+    stock_epf          no shim, the same tensors under canonical names
+    shim_epf_default   the doorbell with default settings (harmonization on)
 
 Each rank must read exactly the weight tensors of its own experts (stock reads the same on canonical
 names), the answers must equal stock's bit for bit, and vLLM must not call any shim variable unknown.
@@ -83,12 +84,12 @@ def _served(key: str, ckpts: dict[str, Path], workdir: Path, pip_target: Path) -
         log_dir = workdir / f"reads-{key}"
         log_dir.mkdir()
         env = {"E2E_READ_LOG": str(log_dir), "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-        if key != "stock_epf":
+        if key in ("shim_epf", "plugin_epf"):
             env["VLLM_MODELOPT_SHIM_HARMONIZE"] = "0"  # byte-exact: equal to stock bit for bit
         if key == "plugin_epf":
             env["PYTHONPATH"] = str(pip_target)
         ckpt = ckpts["canonical" if key == "stock_epf" else "legacy"]
-        with _server(key, ckpt, workdir, shim=key == "shim_epf", tp=2, args=FLAGS, **env) as info:
+        with _server(key, ckpt, workdir, shim=key.startswith("shim"), tp=2, args=FLAGS, **env) as info:
             assert info["startup_s"], f"{key} exited:\n{info['log'].read_text()[-6000:]}"
             answers = _query(info["port"])
         _results[key] = {"answers": answers, "log": info["log"].read_text(), "reads": reads(log_dir)}
@@ -140,3 +141,14 @@ def test_fail_on_environ_validation_starts_with_shim_variables_set(
     log = _served(door, ckpts, workdir, pip_target)["log"]
     assert UNKNOWN not in log, [x for x in log.splitlines() if UNKNOWN in x]
     assert len(set(re.findall(r"\(Worker[^ ]* pid=(\d+)\)", log))) == EP  # the workers did run
+
+
+def test_with_default_settings_the_filter_and_harmonization_agree(
+    ckpts: dict[str, Path], workdir: Path, pip_target: Path
+) -> None:
+    """Harmonization on (the default) folds scales, which every rank still reads: same reads, no warning."""
+    shim = _served("shim_epf_default", ckpts, workdir, pip_target)
+    _assert_each_rank_reads_only_its_experts(shim, "shim_epf_default (legacy)")
+    assert len(re.findall(r"vllm-modelopt-shim: (\d+) tensors seen", shim["log"])) == EP, shim["log"][-6000:]
+    assert not re.search(r"WARNING[^\n]*vllm-modelopt-shim", shim["log"]) and "problem(s) logged" not in shim["log"]
+    assert all(len(a["token_ids"]) == 12 for a in shim["answers"].values())
