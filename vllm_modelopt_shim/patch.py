@@ -70,7 +70,8 @@ def _release(version: str) -> tuple[int, ...] | None:
 
 
 def untested(version: str) -> bool:
-    """Outside the releases the matrix proves (any 0.33.x counts as tested); unknown: not flagged."""
+    """Outside the releases the matrix proves (any patch release of the newest tested minor counts);
+    unknown: not flagged."""
     release = _release(version)
     return release is not None and not (TESTED[0] <= release <= (*TESTED[1][:2], 10**6))
 
