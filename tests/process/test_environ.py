@@ -43,16 +43,13 @@ CONFIG = textwrap.dedent(
 
 
 def shim_variables(tmp: Path) -> dict[str, str]:
-    """Every variable the shim registers, set (the test tools' folders point at scratch space)."""
-    return {
-        "VLLM_MODELOPT_SHIM": "1",
-        "VLLM_MODELOPT_SHIM_VERIFY": "error",
-        "VLLM_MODELOPT_SHIM_HARMONIZE": "1",
-        "VLLM_MODELOPT_SHIM_REPORT": str(tmp / "reports"),
-        "VLLM_MODELOPT_SHIM_AWQ": "1",
-        "VLLM_MODELOPT_SHIM_VENVS": str(tmp / "venvs"),
-        "VLLM_MODELOPT_SHIM_RESULTS": str(tmp / "results"),
-    }
+    """Every variable the shim registers, set (the tools' folders point at scratch space)."""
+    from vllm_modelopt_shim import envnames
+
+    folders = {"REPORT": "reports", "VENVS": "venvs", "RESULTS": "results", "BENCH": "bench"}
+    values = {f"VLLM_MODELOPT_SHIM_{k}": str(tmp / v) for k, v in folders.items()}
+    values["VLLM_MODELOPT_SHIM_VERIFY"] = "error"
+    return {name: values.get(name, "1") for name in envnames.NAMES}
 
 
 @pytest.fixture(scope="module")
