@@ -49,19 +49,6 @@ def harness(python: str, ckpt: Path, env: dict[str, str]) -> dict[str, Any]:
     return result
 
 
-@pytest.fixture(scope="module")
-def pip_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip install <checkout>` into a folder (a copy of the checkout, so the build leaves no trace)."""
-    tmp = tmp_path_factory.mktemp("pip")
-    src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build"))
-    target = tmp / "target"
-    # as users do: pip's own build isolation (older vLLM venvs lack `wheel`)
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(src)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    return target
-
-
 def test_the_wheel_installs_the_package_and_its_entry_point_but_no_sitecustomize(pip_target: Path) -> None:
     assert not (pip_target / "sitecustomize.py").exists()
     assert (pip_target / "vllm_modelopt_shim" / "py.typed").exists()

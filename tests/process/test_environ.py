@@ -10,7 +10,6 @@ The end-to-end servers (engine core, workers) are in tests/e2e/test_ep_filter.py
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -57,19 +56,6 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import checkpoints
 
     return checkpoints.write(tmp_path_factory.mktemp("environ") / "modelopt-legacy")
-
-
-@pytest.fixture(scope="module")
-def pip_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip install <checkout>` into a folder: the package and its entry point, no sitecustomize."""
-    tmp = tmp_path_factory.mktemp("environ-pip")
-    src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build"))
-    target = tmp / "target"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(src)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    assert not (target / "sitecustomize.py").exists()
-    return target
 
 
 def build_config(ckpt: Path, tmp: Path, pythonpath: str | None, **env: str) -> subprocess.CompletedProcess[str]:
