@@ -2,10 +2,10 @@
 
 Every interpreter runs this file, most never import vLLM: so it holds only what all must run.  It
 chains the sitecustomize it shadows (Debian/Ubuntu ship one) and puts a stdlib-only finder on
-sys.meta_path that answers for two vLLM modules alone: vllm.envs (the shim's variables join vLLM's
+sys.meta_path that answers for three vLLM modules alone: vllm.envs (the shim's variables join vLLM's
 registry, so its environment check knows them, even with the shim off) and, unless
-VLLM_MODELOPT_SHIM is off, qwen3_vl_moe (the patch).  The package (settings, warnings, wrapt, the
-patch) loads only then.  It never raises.
+VLLM_MODELOPT_SHIM is off, qwen3_vl_moe (the patch) and quantization.modelopt (NVFP4_AWQ's config).
+The package (settings, warnings, wrapt, the patch) loads only then.  It never raises.
 __pycache__/sitecustomize.cpython-311.pyc is committed (checked-hash: used only while it matches
 this source) because compiling even an empty file costs ~1.5 ms under PYTHONDONTWRITEBYTECODE.
 """
@@ -32,11 +32,15 @@ def _chain() -> None:
 
 
 class _Doorbell:
-    """Rings when vLLM imports vllm.envs or (``patch``) its Qwen3-VL-MoE module: hands over to the package."""
+    """Rings when vLLM imports vllm.envs or (``patch``) its Qwen3-VL-MoE or ModelOpt module: hands over."""
 
     def __init__(self, patch: bool) -> None:
         self.vllm_modelopt_shim = patch  # the mark of the patching hook (the plugin's install looks for it)
-        self.names = ("vllm.envs", "vllm.model_executor.models.qwen3_vl_moe") if patch else ("vllm.envs",)
+        self.names = (
+            ("vllm.envs", "vllm.model_executor.models.qwen3_vl_moe", "vllm.model_executor.layers.quantization.modelopt")
+            if patch
+            else ("vllm.envs",)
+        )
 
     vllm_modelopt_shim_doorbell = True
 

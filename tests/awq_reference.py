@@ -247,3 +247,54 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- expert FFN outputs -------------------------------------------------------------------------------
+def _silu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
+
+
+def _requantized(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Dequantize, multiply input columns by p, NVFP4 again (each tensor its own global scale)."""
+    packed, scale, s2 = checkpoints.quantize(w * p[None, :])
+    return checkpoints.dequantize(packed, scale, float(s2))
+
+
+def ffn_errors(ckpt: Path, held: Path, *, count: int = 256, seed: int = 0) -> dict[str, float]:
+    """Relative L2 error, over every expert of every MoE layer on ``count`` random normalized inputs, of
+    each way of serving an NVFP4_AWQ checkpoint against its exact model ``(x * p) @ dequant(W).T``:
+    ``served`` (what vLLM holds after the shim's load, dumped by tests/harness.py's HARNESS_HELD: its norm
+    carries the layer's p mean, its experts the residual), ``ignore`` (p dropped), ``requant`` (every
+    expert weight dequantized, times p, NVFP4 again)."""
+    exact_ref, held_ref = Reference(ckpt, w13_global="own"), Reference(held, w13_global="own")
+    w, v = exact_ref.w, held_ref.w
+    g = torch.Generator().manual_seed(seed)
+    sums = {"served": 0.0, "ignore": 0.0, "requant": 0.0, "norm": 0.0}
+    worst = {"served": 0.0, "ignore": 0.0, "requant": 0.0}
+    layers = sorted({n.split(".mlp.experts.")[0] for n in w if ".mlp.experts." in n})
+    for layer in layers:
+        h0 = torch.randn(count, w[f"{layer}.post_attention_layernorm.weight"].numel(), generator=g)
+        h0 = h0 * torch.rsqrt(h0.pow(2).mean(-1, keepdim=True))
+        x = h0 * w[f"{layer}.post_attention_layernorm.weight"]
+        xs = h0 * v[f"{layer}.post_attention_layernorm.weight"]
+        experts = sorted(
+            {int(n.split(".mlp.experts.")[1].split(".")[0]) for n in w if n.startswith(f"{layer}.mlp.experts.")}
+        )
+        for e in experts:
+            base = f"{layer}.mlp.experts.{e}"
+            gw, uw, dw = (w[f"{base}.{p}.weight"] for p in checkpoints.PROJS)
+            pg, pu, pd = (w[f"{base}.{p}{P}"] for p in checkpoints.PROJS)
+            exact = (torch.nn.functional.silu((x * pg) @ gw.t()) * ((x * pu) @ uw.t()) * pd) @ dw.t()
+            ways = {
+                "served": _silu_mlp(xs, *(v[f"{base}.{p}.weight"] for p in checkpoints.PROJS)),
+                "ignore": _silu_mlp(x, gw, uw, dw),
+                "requant": _silu_mlp(x, _requantized(gw, pg), _requantized(uw, pu), _requantized(dw, pd)),
+            }
+            sums["norm"] += float(exact.double().pow(2).sum())
+            for way, y in ways.items():
+                sq = float((y - exact).double().pow(2).sum())
+                sums[way] += sq
+                worst[way] = max(worst[way], (sq / float(exact.double().pow(2).sum())) ** 0.5)
+    out = {way: (sums[way] / sums["norm"]) ** 0.5 for way in worst}
+    out.update({f"worst_{way}": value for way, value in worst.items()})
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -198,15 +199,33 @@ def config(family: str, generation: str = "4.57", dims: dict[str, object] | None
 def hf_quant_config(cfg: dict[str, object]) -> dict[str, object]:
     q = cfg["quantization_config"]
     assert isinstance(q, dict)
-    return {
-        "producer": q["producer"],
-        "quantization": {
-            "quant_algo": "NVFP4",
-            "kv_cache_quant_algo": None,
-            "group_size": 16,
-            "exclude_modules": q["ignore"],
-        },
-    }
+    quantization = {"quant_algo": q["quant_algo"], "kv_cache_quant_algo": None, "group_size": 16}
+    if q["quant_algo"] == "NVFP4_AWQ":  # as ModelOpt 0.43 writes it
+        quantization.update(has_zero_point=False, pre_quant_scale=True)
+    return {"producer": q["producer"], "quantization": {**quantization, "exclude_modules": q["ignore"]}}
+
+
+@dataclass(frozen=True, slots=True)
+class Awq:
+    """A synthetic NVFP4_AWQ export: each expert's gate/up/down and each o_proj get a ``pre_quant_scale``
+    p (bf16) and are quantized as ``W / p``, so ``(x * p) @ dequant(W_q).T`` is the model.
+
+    ``outlier``: p of 1/32 of the input channels, shared by all experts of a layer, is divided by it
+    (AWQ shrinks the channels whose activations are outliers): p max/min >= ``outlier``.
+    ``spread``: each tensor's own log-normal variation on top.  ``gate_up_equal``: up's p is gate's."""
+
+    outlier: float = 1.0
+    spread: float = 0.15
+    gate_up_equal: bool = False
+
+    def p(self, g: torch.Generator, n: int, shared: torch.Tensor | None) -> torch.Tensor:
+        own = torch.exp(torch.randn(n, generator=g) * self.spread)
+        return (own if shared is None else own * shared).to(torch.bfloat16)
+
+    def shared(self, g: torch.Generator, n: int) -> torch.Tensor:
+        base = torch.ones(n)
+        base[torch.randperm(n, generator=g)[: max(1, n // 32)]] = 1.0 / self.outlier
+        return base
 
 
 # -- tensors --------------------------------------------------------------------------------------
@@ -221,10 +240,14 @@ def _linear(
     family: str,
     input_scale: float,
     s2: torch.Tensor | None = None,
+    p: torch.Tensor | None = None,
 ) -> None:
     if family == "bf16":
         out[f"{name}.weight"] = w.to(torch.bfloat16)
         return
+    if p is not None:  # AWQ: the exported weight is W / p, p rides along
+        w = w.float() / p.float()[None, :]
+        out[f"{name}.pre_quant_scale"] = p.clone()
     packed, scale, own_s2 = quantize(w, s2)
     if family == "modelopt":
         out[f"{name}.weight"] = packed
@@ -245,6 +268,7 @@ def tensors(
     seed: int = 0,
     up_mismatch: float = 1.0,
     dims: dict[str, object] | None = None,
+    awq: Awq | None = None,
 ) -> Tensors:
     """Every tensor of the tiny model, named as the exporter names them.
 
@@ -301,7 +325,8 @@ def tensors(
         a_scale = 4.0 / (6 * FP8_MAX)
         for name, w in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
             _linear(out, f"{p}.self_attn.{name}", w, family, a_scale, qkv_s2 if family != "bf16" else None)
-        _linear(out, f"{p}.self_attn.o_proj", _bf16(g, h, nh * hd), family, 2.0 / (6 * FP8_MAX))
+        o_p = awq.p(g, nh * hd, None) if awq is not None else None
+        _linear(out, f"{p}.self_attn.o_proj", _bf16(g, h, nh * hd), family, 2.0 / (6 * FP8_MAX), p=o_p)
         out[f"{p}.mlp.gate.weight"] = _bf16(g, e, h, std=0.2)
         experts = f"{p}.mlp.experts"
         if layout == "fused":
@@ -309,18 +334,24 @@ def tensors(
             out[f"{experts}.gate_up_proj"] = _bf16(g, e, h, 2 * i)
             out[f"{experts}.down_proj"] = _bf16(g, e, i, h)
             continue
+        shared = awq.shared(g, h) if awq is not None else None
         for x in range(e):
             in_scale = (3.0 + x) / (6 * FP8_MAX)
             gate, up, down = _bf16(g, i, h), _bf16(g, i, h), _bf16(g, h, i)
             if x % 2 == 1:
                 up = (up.float() * up_mismatch).to(torch.bfloat16)
+            ps: dict[str, torch.Tensor | None] = dict.fromkeys(PROJS)
+            if awq is not None:
+                ps["gate_proj"] = awq.p(g, h, shared)
+                ps["up_proj"] = ps["gate_proj"] if awq.gate_up_equal else awq.p(g, h, shared)
+                ps["down_proj"] = awq.p(g, i, None)
             for proj, w, a in (
                 ("gate_proj", gate, in_scale),
                 ("up_proj", up, in_scale),
                 ("down_proj", down, 2 * in_scale),
             ):
                 name = f"{experts}.{proj}.{x}" if layout == "legacy" else f"{experts}.{x}.{proj}"
-                _linear(out, name, w, family, a)
+                _linear(out, name, w, family, a, p=ps[proj])
     return out
 
 
@@ -341,6 +372,7 @@ def write(
     up_mismatch: float = 1.0,
     dims: dict[str, object] | None = None,
     config_edit: Callable[[dict[str, object]], None] | None = None,
+    awq: Awq | None = None,
 ) -> Path:
     """Write a checkpoint directory; returns it.
 
@@ -350,7 +382,7 @@ def write(
     tensor dict before writing.
     """
     path.mkdir(parents=True, exist_ok=True)
-    ts = tensors(family, layout, seed=seed, up_mismatch=up_mismatch, dims=dims)
+    ts = tensors(family, layout, seed=seed, up_mismatch=up_mismatch, dims=dims, awq=awq)
     if packed_name is not None:
         ts = {
             (n[: -len("weight")] + packed_name if n.endswith(".weight") and _is_nvfp4(ts, n) else n): t
@@ -359,6 +391,11 @@ def write(
     if edit is not None:
         edit(ts)
     cfg = config(family, generation, dims)
+    if awq is not None:  # ModelOpt 0.43's NVFP4_AWQ config.json: no config_groups
+        q = cfg["quantization_config"]
+        assert isinstance(q, dict)
+        q["quant_algo"] = "NVFP4_AWQ"
+        q.pop("config_groups", None)
     if config_edit is not None:
         config_edit(cfg)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))

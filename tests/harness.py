@@ -291,6 +291,43 @@ def dequant_errors(model: Any, ckpt: Path) -> dict[str, float]:
     return worst
 
 
+def held(model: Any) -> dict[str, torch.Tensor]:
+    """The text model vLLM holds, as per-projection checkpoint tensors (canonical names) dequantized the way
+    vLLM will: w13's halves with gate's global scale, q/k/v each with the max of the three (the fused
+    qkv's).  tests/e2e/reference.Reference (``w13_global="own"``) runs it."""
+    out: dict[str, torch.Tensor] = {}
+    lm = model.language_model
+    for name, p in lm.named_parameters():
+        t = p.data.detach().clone()
+        new = "lm_head.weight" if name == "lm_head.weight" else "model.language_model." + name.removeprefix("model.")
+        m = re.search(r"^(.*\.mlp\.experts)\.(?:routed_experts\.)?(w13|w2)_(weight|weight_scale|weight_scale_2)$", new)
+        if m is not None:
+            base, which, suffix = m.groups()
+            for e in range(t.shape[0]):
+                if which == "w2":
+                    out[f"{base}.{e}.down_proj.{suffix}"] = t[e]
+                    continue
+                half = t.shape[1] // 2 if suffix != "weight_scale_2" else None
+                for i, proj in enumerate(("gate_proj", "up_proj")):
+                    out[f"{base}.{e}.{proj}.{suffix}"] = t[e, 0] if half is None else t[e, i * half : (i + 1) * half]
+            continue
+        m = re.search(r"^(.*\.self_attn)\.qkv_proj\.(weight|weight_scale|weight_scale_2)$", new)
+        if m is not None:
+            base, suffix = m.groups()
+            qkv = dict(lm.named_modules())[name.rsplit(".", 1)[0]]
+            sizes = list(qkv.output_partition_sizes)
+            for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                if suffix == "weight_scale_2":
+                    out[f"{base}.{proj}.{suffix}"] = t.max()
+                else:
+                    out[f"{base}.{proj}.{suffix}"] = t[sum(sizes[:i]) : sum(sizes[: i + 1])]
+            continue
+        if name.endswith("input_scale") or re.search(r"\.attn\.\w+_scale$", name):
+            continue
+        out[new] = t.reshape(()) if name.endswith("weight_scale_2") else t
+    return out
+
+
 def compare(model: Any, ckpt: Path, *, scale_only_gate: bool = False) -> dict[str, Any]:
     """Every expert parameter vs the checkpoint bytes, plus every parameter left at the sentinel."""
     expected = expected_experts(ckpt)
@@ -415,6 +452,18 @@ def _run_one(ckpt: str, attach: Any) -> dict[str, Any]:
             stage="load", error=type(exc).__name__, message=str(exc)[:2000], tb=traceback.format_exc()[-3000:]
         )
     result.update(compare(model, Path(ckpt)))
+    # test-only: write what vLLM holds, for a reference forward (HARNESS_HELD_ROOT: one dir per checkpoint)
+    target = os.environ.get("HARNESS_HELD") or (
+        str(Path(os.environ["HARNESS_HELD_ROOT"]) / Path(ckpt).name) if os.environ.get("HARNESS_HELD_ROOT") else None
+    )
+    if target and result.get("stage") == "loaded":
+        import shutil
+
+        from safetensors.torch import save_file
+
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(ckpt) / "config.json", Path(target) / "config.json")
+        save_file({n: t.contiguous().clone() for n, t in held(model).items()}, str(Path(target) / "model.safetensors"))
     quant = json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config")
     if quant and result.get("stage") == "loaded":
         result["dequant"] = dequant_errors(model, Path(ckpt))

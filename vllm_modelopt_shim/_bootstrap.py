@@ -17,12 +17,16 @@ if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
     from types import ModuleType
 
-__all__ = ["ENVS", "MARK", "TARGET", "find_spec", "install", "installed", "register_names"]
+__all__ = ["ENVS", "MARK", "QUANT", "TARGET", "find_spec", "install", "installed", "register_names"]
 
 #: vLLM's module defining Qwen3VLMoeForConditionalGeneration (0.11 through 0.33 at least)
 TARGET = "vllm.model_executor.models.qwen3_vl_moe"
 #: vLLM's registry of environment variables (envnames.py)
 ENVS = "vllm.envs"
+#: vLLM's ModelOpt quantization configs, whose config validation refuses quant_algo NVFP4_AWQ (patch.apply_config)
+QUANT = "vllm.model_executor.layers.quantization.modelopt"
+#: every module the patching hook watches; its finders leave sys.meta_path once all are imported
+WATCHED = (ENVS, TARGET, QUANT)
 #: attribute that marks our finders on sys.meta_path (the doorbell's and ours): never two
 MARK = "vllm_modelopt_shim"
 
@@ -44,12 +48,14 @@ class _Loader:
         module.__loader__ = self._loader  # type: ignore[assignment]  # leave no trace on the module
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader  # type: ignore[assignment]
+        if all(name in sys.modules for name in WATCHED):  # all done: our finders leave sys.meta_path
+            sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, MARK, False)]
         if module.__name__ == ENVS:
             register_names(module)
-            return
-        if ENVS in sys.modules:  # both done: our finders leave sys.meta_path
-            sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, MARK, False)]
-        _patch(module)
+        elif module.__name__ == QUANT:
+            _patch_config(module)
+        else:
+            _patch(module)
 
 
 def find_spec(
@@ -75,7 +81,7 @@ class _Finder:
     def find_spec(
         self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        return find_spec(self, name, path, target) if name in (TARGET, ENVS) else None
+        return find_spec(self, name, path, target) if name in WATCHED else None
 
 
 def _patch(module: ModuleType) -> None:
@@ -87,6 +93,15 @@ def _patch(module: ModuleType) -> None:
         sys.stderr.write(
             f"vllm-modelopt-shim: could not patch {TARGET} ({type(exc).__name__}: {exc}); vLLM runs stock\n"
         )
+
+
+def _patch_config(module: ModuleType) -> None:
+    try:
+        from . import patch
+
+        patch.apply_config(module)
+    except Exception as exc:  # never break vLLM's import
+        sys.stderr.write(f"vllm-modelopt-shim: could not patch {QUANT} ({type(exc).__name__}: {exc})\n")
 
 
 def register_names(envs: ModuleType | None = None) -> None:
@@ -109,8 +124,11 @@ def installed() -> bool:
 def install() -> None:
     """Patch now if vLLM's module is loaded, else arm the hook; idempotent (never twice)."""
     register_names()
+    quant = sys.modules.get(QUANT)
+    if quant is not None:
+        _patch_config(quant)
     module = sys.modules.get(TARGET)
     if module is not None:
         _patch(module)
-    elif not installed():
+    if (module is None or quant is None) and not installed():
         sys.meta_path.insert(0, _Finder())

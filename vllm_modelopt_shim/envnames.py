@@ -23,11 +23,11 @@ __all__ = ["MODULE", "NAMES", "register"]
 
 #: vLLM's module holding the registry (0.17.1 through 0.34.0 at least)
 MODULE = "vllm.envs"
-#: every variable settings.py declares, the AWQ switch, and the tools' (scripts/venv.py, tests/vllm_runs.py, bench/)
+#: every variable settings.py declares, and the tools' (scripts/venv.py, tests/vllm_runs.py, bench/)
 NAMES: tuple[str, ...] = tuple(
     sorted(
         {v for k, v in vars(settings).items() if k.isupper() and isinstance(v, str) and v.startswith(settings.ENABLE)}
-        | {f"{settings.ENABLE}_{tail}" for tail in ("AWQ", "VENVS", "RESULTS", "BENCH")}
+        | {f"{settings.ENABLE}_{tail}" for tail in ("VENVS", "RESULTS", "BENCH")}
     )
 )
 

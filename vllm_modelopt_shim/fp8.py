@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-__all__ = ["FP8_MAX", "Folded", "fits", "fold_many", "rescale", "values"]
+__all__ = ["FP8_MAX", "Folded", "fits", "fold_many", "rescale", "rescale_rows", "values"]
 
 FP8_MAX = 448.0
 #: block scales per expert whose histogram weighs the reported error (evenly strided over larger ones):
@@ -73,6 +73,42 @@ def rescale(codes: Any, ratio: float) -> Any:
     return gather(tables([ratio])[0][0], codes)
 
 
+def rescale_rows(codes: Any, factors: Any) -> Any:
+    """fp8 codes [rows, cols] with row r times ``factors[r]``, each product rounded once to fp8 (at most
+    448; ties to even).  The product is formed in float32 (exact: 4 significant bits times 24 fit in
+    28, rounded once to float32, which never moves a value across an fp8 rounding boundary but at an
+    exact tie, where float32 holds it exactly).  Bit arithmetic on float32: no searchsorted, no tables."""
+    import numpy as np
+
+    f32 = values().astype(np.float32)
+    x = f32[codes] * np.asarray(factors, dtype=np.float32)[:, None]
+    mag = np.minimum(np.abs(x), np.float32(FP8_MAX))  # NaN stays NaN
+    nan = np.isnan(mag)
+    if nan.any():
+        mag[nan] = 0.0
+    bits = mag.view(np.uint32)
+    # normal range (>= 2**-6): drop 20 mantissa bits, ties to even; rebias the exponent (127 -> 7)
+    normal = ((bits + np.uint32(0x7FFFF) + ((bits >> 20) & np.uint32(1))) >> 20) - np.uint32(120 << 3)
+    subnormal = np.rint(mag * np.float32(512.0)).astype(np.uint32)  # multiples of 2**-9, ties to even
+    code = np.where(mag < np.float32(2.0**-6), subnormal, normal).astype(np.uint8)
+    code |= np.signbit(x).astype(np.uint8) << 7
+    if nan.any():
+        code[nan] |= 0x7F
+    return code
+
+
+def row_tops(codes: Any) -> Any:
+    """The largest finite non-negative value in each row of fp8 codes (0 for none)."""
+    import numpy as np
+
+    highest = codes.max(axis=1)
+    tops = values()[highest]
+    odd = highest >= 0x7F  # a NaN or a negative value: the slow way, row by row
+    for r in np.flatnonzero(odd):
+        tops[r] = top(codes[r])
+    return tops
+
+
 def fits(codes: Any, ratio: float) -> bool:
     """Whether block scales times ``ratio`` stay finite and within fp8 (at most 448)."""
     top = float(values()[int(codes.max())]) if codes.size else 0.0
@@ -127,23 +163,35 @@ class Folded:
     after: float
 
 
-def fold_many(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: bool) -> list[Folded | None]:
+def fold_many(
+    experts: Sequence[tuple[Any, Any, float, float]],
+    *,
+    reciprocal: bool,
+    rows: Sequence[Any | None] | None = None,
+) -> list[Folded | None]:
     """Fold a batch of experts, each ``(gate codes, up codes, gate global, up global as stored)``.
 
     The common scale is ``gate * 2**k`` with the smallest ``k >= 0`` that keeps up's largest block scale,
     rescaled by ``up / common``, within 448: gate's block scales are divided by ``2**k`` (exact but for
     subnormals; ``k = 0``, the usual case, leaves gate as it is), up's multiplied by ``up / common``.
+    ``rows`` (NVFP4_AWQ): per expert, None or down_proj's ``pre_quant_scale`` (float, one per up row),
+    which up's row r also takes (``silu(gate) * up`` times p is what down expects); such an expert is
+    folded even with equal global scales, in one rounding per block scale.
     ``reciprocal``: compressed-tensors, whose global scale divides.  None for an expert with nothing to
-    do: equal global scales, scales that are not one finite value > 0 (verify reports those), block
-    scales of two shapes.  The tables are made once per batch.
+    do: equal global scales and no rows, scales that are not one finite value > 0 (verify reports
+    those), block scales of two shapes.  The tables are made once per batch.
     """
     import numpy as np
 
+    rows = rows if rows is not None else [None] * len(experts)
     out: list[Folded | None] = [None] * len(experts)
     todo = [
         i
         for i, (gate, up, g, u) in enumerate(experts)
-        if g != u and gate.shape == up.shape and 0.0 < g < math.inf and 0.0 < u < math.inf  # NaN compares false
+        if (g != u or rows[i] is not None)
+        and gate.shape == up.shape
+        and 0.0 < g < math.inf  # NaN compares false
+        and 0.0 < u < math.inf
     ]
     if not todo:
         return out
@@ -152,7 +200,13 @@ def fold_many(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: b
     g = 1.0 / stored if reciprocal else stored
     u = np.array([experts[i][3] for i in todo], dtype=np.float64)
     u = 1.0 / u if reciprocal else u
-    highest = np.array([top(experts[i][1]) for i in todo])
+    factors = [None if rows[i] is None else np.asarray(rows[i], dtype=np.float64) for i in todo]
+    highest = np.array(
+        [
+            top(experts[i][1]) if f is None else float((row_tops(experts[i][1]) * f).max(initial=0.0))
+            for i, f in zip(todo, factors, strict=True)
+        ]
+    )
     shift = np.zeros(n, dtype=np.int64)
     while True:  # the smallest k >= 0 that keeps up's largest block scale within fp8
         over = u * highest / np.ldexp(g, shift) > FP8_MAX
@@ -164,15 +218,32 @@ def fold_many(experts: Sequence[tuple[Any, Any, float, float]], *, reciprocal: b
     moved = [j for j in range(n) if shift[j]]
     table, products = tables(np.concatenate([u / (g * scale), 1.0 / scale[moved]]))  # up's, then moved gates'
     after = errors(table[:n], products[:n], np.stack([counts(experts[i][1]) for i in todo]))
+    gate_after = np.zeros(n)
     if moved:
         gate_counts = np.stack([counts(experts[todo[j]][0]) for j in moved])
-        after[moved] = np.maximum(after[moved], errors(table[n:], products[n:], gate_counts))
+        gate_after[moved] = errors(table[n:], products[n:], gate_counts)
     gate_table = dict(zip(moved, table[n:], strict=True))
     before = np.abs(g - u) / u
     for j, i in enumerate(todo):
         gate, up = experts[i][0], experts[i][1]
         new_gate = gather(gate_table[j], gate) if j in gate_table else gate
-        out[i] = Folded(
-            new_gate, gather(table[j], up), float(common[j]), int(shift[j]), float(before[j]), float(after[j])
-        )
+        if factors[j] is None:
+            new_up = gather(table[j], up)
+        else:
+            ratio = u[j] * factors[j] / (g[j] * scale[j])
+            new_up = rescale_rows(up, ratio)
+            after[j] = _row_error(up, new_up, ratio)
+        worst = max(float(after[j]), float(gate_after[j]))
+        out[i] = Folded(new_gate, new_up, float(common[j]), int(shift[j]), float(before[j]), worst)
     return out
+
+
+def _row_error(codes: Any, new: Any, ratio: Any) -> float:
+    """Relative L2 error of ``new`` against the exact row-scaled ``codes`` (an even sample of rows)."""
+    import numpy as np
+
+    step = max(1, codes.shape[0] * max(1, codes.shape[1]) // SAMPLE)
+    exact = values()[codes[::step]] * ratio[::step, None]
+    diff = np.nan_to_num(values()[new[::step]] - exact)
+    norm = float(np.square(np.nan_to_num(exact)).sum())
+    return math.sqrt(float(np.square(diff).sum()) / norm) if norm > 0 else 0.0

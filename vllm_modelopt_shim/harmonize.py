@@ -25,8 +25,15 @@ __all__ = ["Folder", "Result"]
 #: block scale bytes of complete experts folded as one batch at most: the table work is per batch, and a
 #: batch this small stays in the CPU's caches and bounds the new tensors alive at once
 BATCH = 4 << 20
-#: the four pieces of an expert the fold needs, by (projection, kind)
-PIECES = (("gate_proj", "block"), ("gate_proj", "global"), ("up_proj", "block"), ("up_proj", "global"))
+#: the pieces of an expert the fold needs, by (projection, kind); NVFP4_AWQ adds down_proj's p (``rows``)
+PIECES = (
+    ("gate_proj", "block"),
+    ("gate_proj", "global"),
+    ("up_proj", "block"),
+    ("up_proj", "global"),
+    ("down_proj", "rows"),
+)
+_ROWS = 4
 #: expert indices the Folder keeps state for; anything beyond passes as it is (verify reports it)
 _MOST_EXPERTS = 1 << 16
 
@@ -40,6 +47,7 @@ class Result:
 
     experts: int = 0  # experts whose four scale pieces met
     harmonized: int = 0  # of those, changed
+    rows: int = 0  # of those, with down_proj's AWQ p folded into up's rows
     left: int = 0  # experts whose pieces never met (forwarded as they are)
     worst_before: float = 0.0  # of up_proj dequantized with gate's scale (vLLM without the fold)
     worst_after: float = 0.0  # of either half after the fold
@@ -55,10 +63,10 @@ class Result:
 @dataclass(slots=True)
 class Piece:
     """One scale tensor as read: block scales as a copy of their fp8 codes (some readers reuse their
-    buffers), a global scale as its value; ``like`` rebuilds the tensor (dtype, shape, device)."""
+    buffers), a global scale as its value, down's AWQ p as float32; ``like`` rebuilds the tensor."""
 
     name: str
-    codes: Any  # uint8 numpy (block scales) or None (a global scale)
+    codes: Any  # uint8 numpy (block scales), float32 numpy (down's p: never forwarded) or None (a global scale)
     like: tuple[Any, Any, Any]
     value: float
     sent: bool = False  # forwarded, unfolded, at the end of an earlier call
@@ -76,19 +84,20 @@ class Piece:
 
 @dataclass(slots=True)
 class Waiting:
-    """An expert's gate/up pieces until all four have passed, in ``PIECES`` order."""
+    """An expert's pieces until all have passed (down's p too, for NVFP4_AWQ), in ``PIECES`` order."""
 
-    pieces: list[Piece | None] = field(default_factory=lambda: [None] * 4)
+    pieces: list[Piece | None] = field(default_factory=lambda: [None] * 5)
 
-    def complete(self) -> bool:
-        return None not in self.pieces
+    def complete(self, rows: bool) -> bool:
+        return None not in self.pieces[: 5 if rows else 4]
 
     def bytes(self) -> int:
         return sum(p.codes.nbytes for p in self.pieces if p is not None and p.codes is not None)
 
     def unsent(self) -> dict[int, Piece]:
-        """The pieces held and not yet forwarded, by their place in ``PIECES``."""
-        return {i: p for i, p in enumerate(self.pieces) if p is not None and not p.sent}
+        """The scale pieces held and not yet forwarded, by their place in ``PIECES`` (down's p is folded
+        or lost, never forwarded: vLLM has no parameter for it)."""
+        return {i: p for i, p in enumerate(self.pieces[:_ROWS]) if p is not None and not p.sent}
 
 
 @dataclass(slots=True, frozen=True)
@@ -113,8 +122,9 @@ class Folder:
     every later piece passes as the checkpoint holds it.
     """
 
-    def __init__(self, *, reciprocal: bool, num_experts: int | None) -> None:
+    def __init__(self, *, reciprocal: bool, num_experts: int | None, rows: bool = False) -> None:
         self.reciprocal = reciprocal
+        self.rows = rows  # NVFP4_AWQ: an expert also waits for down's p, folded into up's rows
         self.num_experts = num_experts or 256
         self.waiting: dict[Key, Waiting] = {}
         self.ready: list[tuple[Key, Waiting]] = []  # complete, to fold in the next batch
@@ -136,25 +146,28 @@ class Folder:
 
     def take(self, prefix: str, expert: int, proj: str, kind: str, name: str, tensor: Any, value: float | None) -> Out:
         """One gate/up scale piece in; what to forward now out (possibly nothing, possibly a batch)."""
+        if kind == "rows" and not self.rows:
+            return []
         if self.error is not None or not 0 <= expert < _MOST_EXPERTS or not _fits(kind, tensor):
-            return [(name, tensor)]
+            return [] if kind == "rows" else [(name, tensor)]
         key = (prefix, expert)
         try:
             if value is None:  # the stream reads global scales; block scales need no value
                 value = float(tensor.reshape(-1)[0]) if kind == "global" else 0.0
-            like = (tensor.dtype, tensor.shape, tensor.device)
-            piece = Piece(name, _copy(tensor) if kind == "block" else None, self.likes.setdefault(like, like), value)
+            like = (tensor.dtype, tensor.shape, getattr(tensor, "device", None))
+            codes = _copy(tensor) if kind == "block" else tensor if kind == "rows" else None
+            piece = Piece(name, codes, self.likes.setdefault(like, like), value)
             held = self.waiting.setdefault(key, Waiting())
             held.pieces[PIECES.index((proj, kind))] = piece  # a second copy (a later update) replaces the first
         except Exception as exc:  # our bug: never break a load over the fold; the new piece goes last
             return [*self._fail(exc), (name, tensor)]
         out: Out = []
         try:
-            if held.complete():
+            if held.complete(self.rows):
                 del self.waiting[key]
                 self.completed += 1
                 gate, up = held.pieces[1], held.pieces[3]
-                if gate.value == up.value:  # type: ignore[union-attr]  # nothing to fold: on at once, as read
+                if gate.value == up.value and not self.rows:  # type: ignore[union-attr]  # nothing to fold: on, as read
                     out += self._as_read([(key, held)])
                     self.result.experts += 1
                 else:
@@ -199,20 +212,22 @@ class Folder:
             return []
         try:
             inputs = [(h.pieces[0].codes, h.pieces[2].codes, h.pieces[1].value, h.pieces[3].value) for _, h in batch]  # type: ignore[union-attr]
-            folded = fold_many(inputs, reciprocal=self.reciprocal)
+            rows = [h.pieces[_ROWS].codes if h.pieces[_ROWS] is not None else None for _, h in batch]  # type: ignore[union-attr]
+            folded = fold_many(inputs, reciprocal=self.reciprocal, rows=rows)
             out: Out = []
             for (key, held), f in zip(batch, folded, strict=True):
                 if f is None:
                     out += self._as_read([(key, held)])
                 else:
                     new = (f.gate, f.common, f.up, f.common)
-                    out += [(p.name, p.tensor(v)) for p, v in zip(held.pieces, new, strict=True)]  # type: ignore[union-attr]
+                    out += [(p.name, p.tensor(v)) for p, v in zip(held.pieces[:_ROWS], new, strict=True)]  # type: ignore[union-attr]
         except Exception as exc:
             return [*self._as_read(batch), *self._fail(exc)]
         for (key, held), f in zip(batch, folded, strict=True):
             self.result.experts += 1
             if f is not None:
-                self.result.harmonized += 1
+                self.result.rows += held.pieces[_ROWS] is not None
+                self.result.harmonized += f.before > 0
                 self.result.worst_before = max(self.result.worst_before, f.before)
                 self.result.worst_after = max(self.result.worst_after, f.after)
                 self.decided[key] = Decision(held.pieces[1].value, held.pieces[3].value, f.common)  # type: ignore[union-attr]
@@ -223,7 +238,7 @@ class Folder:
         out: Out = []
         for key, held in batch:
             self.decided.pop(key, None)
-            out += [(p.name, p.tensor()) for p in held.pieces if p is not None]
+            out += [(p.name, p.tensor()) for p in held.pieces[:_ROWS] if p is not None]
         return out
 
     def _as_decided(self, key: Key, given: dict[int, Piece]) -> Out:
@@ -298,6 +313,8 @@ def _fits(kind: str, tensor: Any) -> bool:
     float dtype that torch.full can make again."""
     import torch
 
+    if kind == "rows":  # down's p, checked and made float32 numpy by the stream
+        return True
     if kind == "block":
         return getattr(tensor, "dtype", None) is torch.float8_e4m3fn and tensor.dim() == 2
     floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -84,6 +84,7 @@ class Ledger:
         self.family = family
         self.num_experts = num_experts
         self.full = full  # a whole checkpoint (patch.full_load), not a weight update
+        self.awq = False  # NVFP4_AWQ folds on: pre_quant_scale tensors are taken, not refused
         #: every layer starts with room for this many (expert, slot) marks
         self.width = (num_experts if num_experts is not None else _EXPERTS) * STRIDE
         self.layers: dict[str, Layer] = {}

@@ -28,7 +28,18 @@ if TYPE_CHECKING:
     from types import ModuleType
     from typing import Any
 
-__all__ = ["CLASS", "TESTED", "apply", "full_load", "is_applied", "last_ledger", "reason", "remove", "target_class"]
+__all__ = [
+    "CLASS",
+    "TESTED",
+    "apply",
+    "apply_config",
+    "full_load",
+    "is_applied",
+    "last_ledger",
+    "reason",
+    "remove",
+    "target_class",
+]
 
 CLASS = "Qwen3VLMoeForConditionalGeneration"
 #: vLLM releases the test matrix proves; outside it the shim warns once and keeps working.
@@ -133,6 +144,100 @@ def apply(module: ModuleType) -> bool:
     return True
 
 
+# -- NVFP4_AWQ at config validation ----------------------------------------------------------------
+#: the quant_algo ModelOpt writes for NVFP4_AWQ_LITE/FULL/CLIP exports, and what vLLM is told instead
+AWQ_ALGO, NVFP4 = "NVFP4_AWQ", "NVFP4"
+#: the config base class whose ``from_config`` refuses AWQ_ALGO ("ModelOpt currently only supports")
+CONFIG_CLASS = "ModelOptQuantConfigBase"
+#: frames above the wrapper searched for the caller's ``model_config`` (vLLM's get_quant_config)
+_FRAMES = 6
+
+
+def apply_config(module: ModuleType) -> bool:
+    """Wrap ``ModelOptQuantConfigBase.from_config`` of ``module`` (vLLM's modelopt quantization module)
+    so that a Qwen3-VL-MoE NVFP4_AWQ checkpoint is read as NVFP4 (the shim folds its p while loading).
+    Runs in every process that imports the module (the API server validates the config there and may
+    never import qwen3_vl_moe).  Never raises; True if wrapped."""
+    try:
+        cls = getattr(module, CONFIG_CLASS, None)
+        current = cls.__dict__.get("from_config") if isinstance(cls, type) else None
+        if current is None or not callable(getattr(cls, "from_config", None)):
+            _warn(f"{module.__name__}.{CONFIG_CLASS}.from_config not found; NVFP4_AWQ checkpoints stay refused")
+            return False
+        if getattr(current, _MARK, False):
+            return True
+        import wrapt
+
+        wrapt.wrap_function_wrapper(cls, "from_config", _from_config)
+        setattr(cls.__dict__["from_config"], _MARK, True)
+        return True
+    except Exception as exc:  # never break vLLM's import
+        _warn(f"NVFP4_AWQ config acceptance not installed ({type(exc).__name__}: {exc}); vLLM refuses them as stock")
+        return False
+
+
+def awq_algo(config: Any) -> bool:
+    """Whether a ModelOpt quantization config (config.json's quantization_config or hf_quant_config.json,
+    as a dict) says NVFP4_AWQ."""
+    if not isinstance(config, dict):
+        return False
+    inner = config.get("quantization")
+    algo = inner.get("quant_algo") if isinstance(inner, dict) else config.get("quant_algo")
+    return isinstance(algo, str) and algo.strip().upper() == AWQ_ALGO
+
+
+def as_nvfp4(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` whose quant_algo says NVFP4 (the rest as written)."""
+    out = dict(config)
+    inner = out.get("quantization")
+    if isinstance(inner, dict):
+        out["quantization"] = {**inner, "quant_algo": NVFP4}
+    else:
+        out["quant_algo"] = NVFP4
+    return out
+
+
+def _caller_architectures() -> list[str] | None:
+    """The architectures of the ``model_config`` a caller up the stack holds (vLLM's get_quant_config)."""
+    frame: Any = sys._getframe(2)
+    for _ in range(_FRAMES):
+        if frame is None:
+            return None
+        model_config = frame.f_locals.get("model_config")
+        if model_config is not None:
+            hf_config = getattr(model_config, "hf_config", None)
+            found = getattr(hf_config, "architectures", None) or getattr(model_config, "architectures", None)
+            return list(found) if isinstance(found, (list, tuple)) else None
+        frame = frame.f_back
+    return None
+
+
+def _from_config(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    config = args[0] if args else kwargs.get("config")
+    if not isinstance(config, dict) or not awq_algo(config):
+        return wrapped(*args, **kwargs)
+    try:
+        settings = _settings.load()
+        accept = settings.enabled and settings.awq == "fold" and CLASS in (_caller_architectures() or ())
+    except Exception:  # never break vLLM: it refuses AWQ as stock
+        accept = False
+    if not accept:
+        return wrapped(*args, **kwargs)
+    quant_config = wrapped(as_nvfp4(config), *args[1:], **{k: v for k, v in kwargs.items() if k != "config"})
+    with contextlib.suppress(Exception):
+        setattr(quant_config, _AWQ_MARK, True)
+    logger.info(
+        "vllm-modelopt-shim: quant_algo NVFP4_AWQ read as NVFP4; pre_quant_scale is folded while loading "
+        "(%s=refuse to refuse)",
+        _settings.AWQ,
+    )
+    return quant_config
+
+
+#: set on a quant config made from an NVFP4_AWQ config (so the load knows, whatever config.json says)
+_AWQ_MARK = "vllm_modelopt_shim_awq"
+
+
 def remove(module: ModuleType) -> None:
     """Undo ``apply`` (tests): restore the class's own methods exactly."""
     cls = target_class(module)
@@ -205,11 +310,16 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     _state["ledger"] = ledger
     check = settings.verify != "off"
     on_problem = _raise if settings.verify == "error" else _log_problem
-    folder = _folder(instance, ledger) if settings.harmonize else None
-    if folder is not None and full:
-        folder.reset()
+    awq = _awq_folder(instance, ledger) if full and settings.awq == "fold" else None
+    folder = _folder(instance, ledger) if settings.harmonize or awq is not None else None
+    if folder is not None:
+        folder.rows = awq is not None
+        if full:
+            folder.reset()
     scalar = _item() if check else None
-    stream = rewrite(weights, ledger, check=check, scalar=scalar, on_problem=on_problem, fold=folder, final=full)
+    stream = rewrite(
+        weights, ledger, check=check, scalar=scalar, on_problem=on_problem, fold=folder, final=full, awq=awq
+    )
     problems: list[CheckpointError] = []
     try:
         loaded = wrapped(stream, *args, **kwargs)
@@ -236,8 +346,19 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
             folder.error,
         )
         folder.error = None
+    if awq is not None and awq.error is not None:
+        logger.warning(
+            "vllm-modelopt-shim: NVFP4_AWQ folding stopped (%s); %d pre_quant_scale tensors after it were not "
+            "applied: outputs drift from the checkpoint's model; please report this",
+            awq.error,
+            awq.lost,
+        )
     try:
         _summary(ledger, settings.verify, len(problems), harmonized, full)
+        if awq is not None and folder is not None:
+            awq.tally.exact += folder.result.rows
+            if awq.tally.exact or awq.tally.residual:
+                logger.info("vllm-modelopt-shim: %s", awq.tally)
     except Exception as exc:  # a log line must never fail a load
         logger.warning("vllm-modelopt-shim: no summary (%s: %s)", type(exc).__name__, exc)
     if full:
@@ -296,6 +417,36 @@ def _folder(model: Any, ledger: Ledger) -> Any:
     except Exception as exc:  # never break a load over the fold
         logger.warning("vllm-modelopt-shim: harmonization off (%s: %s)", type(exc).__name__, exc)
         return None
+
+
+def is_awq(model: Any) -> bool:
+    """Whether ``model`` was built from an NVFP4_AWQ checkpoint: its quant config came through
+    ``_from_config`` (marked), or config.json's quantization_config says so."""
+    if getattr(getattr(model, "quant_config", None), _AWQ_MARK, False):
+        return True
+    return awq_algo(getattr(getattr(model, "config", None), "quantization_config", None))
+
+
+def _awq_folder(model: Any, ledger: Ledger) -> Any:
+    """An AwqFolder for a whole NVFP4_AWQ checkpoint (ModelOpt's), or None."""
+    try:
+        if ledger.family != MODELOPT or not ledger.num_experts or not is_awq(model):
+            return None
+        from .awqfold import AwqFolder, Shapes
+    except Exception as exc:  # never break a load over it: verify then refuses every pre_quant_scale
+        logger.warning("vllm-modelopt-shim: NVFP4_AWQ folding off (%s: %s)", type(exc).__name__, exc)
+        return None
+    text = getattr(getattr(model, "config", None), "text_config", None)
+
+    def get(key: str) -> int:
+        value = getattr(text, key, None)
+        return value if isinstance(value, int) else 0
+
+    heads = get("num_attention_heads")
+    head_dim = get("head_dim") or (get("hidden_size") // heads if heads else 0)
+    shapes = Shapes(get("hidden_size"), get("moe_intermediate_size"), heads, get("num_key_value_heads"), head_dim)
+    ledger.awq = True
+    return AwqFolder(shapes, ledger.num_experts)
 
 
 def _report(directory: str | None, ledger: Ledger, problems: list[CheckpointError], harmonized: Any) -> None:

@@ -26,10 +26,22 @@ from .names import AWQ_SUFFIX, FAMILIES, FUSED, MODELOPT, PROJECTIONS, ExpertNam
 
 __all__ = ["check_tensor", "check_complete", "summarize", "usable_scale"]
 
-_AWQ_HINT = (
-    "it is an NVFP4_AWQ smoothing factor that no vLLM release applies, so outputs would be wrong: "
-    "re-export with ModelOpt's NVFP4_DEFAULT_CFG (or fold the factor into the weights) and try again"
+_AWQ_FULL = (
+    "it is an NVFP4_AWQ smoothing factor that no vLLM release applies, so outputs would be wrong: load the "
+    "NVFP4_AWQ checkpoint with VLLM_MODELOPT_SHIM_AWQ=fold (the default), which folds it into tensors vLLM "
+    "uses, or serve a plain NVFP4 copy made by `vllm-modelopt-shim convert SRC DST`"
 )
+_AWQ_UPDATE = (
+    "it is an NVFP4_AWQ smoothing factor, and a weight update cannot carry one: the shim folds "
+    "pre_quant_scale only while loading a whole checkpoint; serve a plain NVFP4 copy made by "
+    "`vllm-modelopt-shim convert SRC DST` and send its tensors"
+)
+#: the one non-expert pre_quant_scale the AWQ folds take (awqfold): o_proj's, into v_proj's rows
+_AWQ_ATTENTION = ".self_attn.o_proj." + AWQ_SUFFIX
+
+
+def _awq(ledger: Ledger, name: str) -> UnsupportedTensorError:
+    return UnsupportedTensorError(name, f"{name}: {_AWQ_FULL if ledger.full else _AWQ_UPDATE}")
 
 
 #: per family, the per-expert suffixes accepted as written (ModelOpt also takes the `weight_packed` spelling)
@@ -53,8 +65,8 @@ def _other_family(suffix: str, family: str) -> str | None:
 def check_tensor(ledger: Ledger, name: str, parsed: ExpertName | None) -> CheckpointError | None:
     """A problem with this tensor that must stop it before it reaches vLLM, or None."""
     if parsed is None:
-        if name.endswith("." + AWQ_SUFFIX):
-            return UnsupportedTensorError(name, f"{name}: {_AWQ_HINT}")
+        if name.endswith("." + AWQ_SUFFIX) and not (ledger.awq and name.endswith(_AWQ_ATTENTION)):
+            return _awq(ledger, name)
         return None
     if parsed.layout == FUSED:
         if ledger.layers:
@@ -72,10 +84,10 @@ def check_tensor(ledger: Ledger, name: str, parsed: ExpertName | None) -> Checkp
             f"{name} is a per-expert tensor, but {fused} is a fused 3-D expert tensor: "
             "one model must use one expert layout; re-export the checkpoint in one layout",
         )
-    if parsed.suffix == AWQ_SUFFIX:
-        return UnsupportedTensorError(name, f"{name}: {_AWQ_HINT}")
+    if parsed.suffix == AWQ_SUFFIX and not ledger.awq:
+        return _awq(ledger, name)
     family = ledger.family
-    if family is not None and parsed.suffix not in _ALLOWED[family]:
+    if family is not None and parsed.suffix not in _ALLOWED[family] and parsed.suffix != AWQ_SUFFIX:
         other = _other_family(parsed.suffix, family)
         if other is not None:
             return MixedLayoutError(

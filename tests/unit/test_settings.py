@@ -9,7 +9,7 @@ from vllm_modelopt_shim.settings import Settings, load
 
 def test_defaults_are_on_error_on_no_report() -> None:
     s = load({})
-    assert (s.enabled, s.verify, s.harmonize, s.report_dir) == (True, "error", True, None)
+    assert (s.enabled, s.verify, s.harmonize, s.report_dir, s.awq) == (True, "error", True, None, "fold")
 
 
 @pytest.mark.parametrize("value", ["1", "true", "ON", "yes", " on "])
@@ -42,6 +42,18 @@ def test_unknown_verify_mode_warns_and_defaults_to_error() -> None:
     assert len(warnings) == 1 and "error, warn, off" in warnings[0]
 
 
+@pytest.mark.parametrize("mode", ["fold", "refuse", " REFUSE "])
+def test_awq_modes(mode: str) -> None:
+    assert load({"VLLM_MODELOPT_SHIM_AWQ": mode}).awq == mode.strip().lower()
+
+
+@pytest.mark.parametrize("value", ["ignore", "drop", "1"])
+def test_unknown_awq_mode_warns_and_defaults_to_fold(value: str) -> None:
+    warnings: list[str] = []
+    assert load({"VLLM_MODELOPT_SHIM_AWQ": value}, warn=warnings.append).awq == "fold"
+    assert len(warnings) == 1 and value in warnings[0] and "fold, refuse" in warnings[0]
+
+
 def test_report_dir() -> None:
     assert load({"VLLM_MODELOPT_SHIM_REPORT": "/tmp/r"}).report_dir == "/tmp/r"
 
@@ -52,4 +64,6 @@ def test_settings_are_frozen() -> None:
         s.enabled = False  # type: ignore[misc]
     with pytest.raises(ValueError):
         Settings(verify="sometimes")
-    assert repr(Settings()) == "Settings(enabled=True, verify='error', harmonize=True, report_dir=None)"
+    with pytest.raises(ValueError):
+        Settings(awq="ignore")
+    assert repr(Settings()) == "Settings(enabled=True, verify='error', harmonize=True, report_dir=None, awq='fold')"

@@ -19,9 +19,9 @@ from vllm_modelopt_shim import (
 )
 from vllm_modelopt_shim.errors import CheckpointError
 from vllm_modelopt_shim.ledger import Ledger
-from vllm_modelopt_shim.names import COMPRESSED, MODELOPT, UNQUANTIZED
+from vllm_modelopt_shim.names import COMPRESSED, MODELOPT, UNQUANTIZED, parse
 from vllm_modelopt_shim.stream import rewrite
-from vllm_modelopt_shim.verify import check_complete, summarize
+from vllm_modelopt_shim.verify import check_complete, check_tensor, summarize
 
 L0 = "model.language_model.layers.0.mlp"
 MODELOPT_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")
@@ -120,12 +120,31 @@ def test_weight_packed_and_weight_for_the_same_expert_are_duplicates() -> None:
     "bad",
     [f"{L0}.experts.gate_proj.0.pre_quant_scale", "model.language_model.layers.0.self_attn.o_proj.pre_quant_scale"],
 )
-def test_awq_pre_quant_scale_is_refused(bad: str) -> None:
+@pytest.mark.parametrize("full", [True, False])
+def test_awq_pre_quant_scale_is_refused_unless_folding(bad: str, full: bool) -> None:
+    """Without the AWQ folds (AWQ=refuse, a config saying NVFP4, a weight update) p is refused, naming it
+    and saying what to do: fold while loading, or serve a converted copy."""
     names = checkpoint()
     names.insert(3, (bad, 1.0))
+    ledger = Ledger(MODELOPT, 4, full=full)
     with pytest.raises(UnsupportedTensorError) as info:
-        load(names)
-    assert info.value.name == bad and "NVFP4_AWQ" in str(info.value) and "NVFP4_DEFAULT_CFG" in str(info.value)
+        list(rewrite(names, ledger, scalar=float))
+    message = str(info.value)
+    assert info.value.name == bad and "NVFP4_AWQ" in message and "vllm-modelopt-shim convert SRC DST" in message
+    assert ("VLLM_MODELOPT_SHIM_AWQ=fold" in message) is full
+    assert ("weight update cannot carry" in message) is not full
+
+
+def test_while_folding_only_the_p_the_folds_take_pass() -> None:
+    """Experts' and o_proj's p pass check_tensor when the AWQ folds are on; any other p is still refused."""
+    ledger = Ledger(MODELOPT, 4, full=True)
+    ledger.awq = True
+    for name in (f"{L0}.experts.gate_proj.0.pre_quant_scale", f"{L0}.experts.0.down_proj.pre_quant_scale"):
+        assert check_tensor(ledger, name, parse(name)) is None
+    attention = "model.language_model.layers.0.self_attn"
+    assert check_tensor(ledger, f"{attention}.o_proj.pre_quant_scale", None) is None
+    refused = check_tensor(ledger, f"{attention}.q_proj.pre_quant_scale", None)
+    assert isinstance(refused, UnsupportedTensorError) and refused.name == f"{attention}.q_proj.pre_quant_scale"
 
 
 def test_fused_and_per_expert_tensors_in_one_model_are_refused() -> None:
