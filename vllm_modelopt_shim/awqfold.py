@@ -14,37 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import awq
-from .errors import UnusableScaleError
+from .awq import EXPERTS as _EXPERTS
+from .awq import NORM, O_GLOBAL, O_P, ROUTER, V_BLOCK, Shapes
+from .errors import CheckpointError
 
-__all__ = ["AwqFolder", "Shapes"]
+__all__ = ["AwqFolder"]
 
 Out = list[tuple[str, Any]]
-
-NORM, ROUTER = ".post_attention_layernorm.weight", ".mlp.gate.weight"
-O_P, O_GLOBAL, V_BLOCK = (
-    ".self_attn.o_proj.pre_quant_scale",
-    ".self_attn.o_proj.weight_scale_2",
-    ".self_attn.v_proj.weight_scale",
-)
-_EXPERTS = ".mlp.experts"
-
-
-@dataclass(slots=True, frozen=True)
-class Shapes:
-    """The lengths p must have, from the model's config (0: unknown, not checked)."""
-
-    hidden: int = 0
-    moe_intermediate: int = 0
-    heads: int = 0
-    kv_heads: int = 0
-    head_dim: int = 0
-
-    def length(self, proj: str) -> int:
-        if proj in ("gate_proj", "up_proj"):
-            return self.hidden
-        if proj == "down_proj":
-            return self.moe_intermediate
-        return self.heads * self.head_dim  # o_proj
 
 
 @dataclass(slots=True)
@@ -71,6 +47,7 @@ class AwqFolder:
         self.tally = awq.Tally()
         self.error: str | None = None  # an internal error stopped the folds: held tensors went on as read
         self.lost = 0  # pre_quant_scale tensors taken after that (not applied)
+        self.missing: list[CheckpointError] = []  # tensors a fold needed that the load never brought
 
     def _fail(self, exc: Exception) -> Out:
         """Our bug: never break a load over it.  Everything held goes on as read; p is no longer applied."""
@@ -79,28 +56,14 @@ class AwqFolder:
         return self.drop()
 
     def p(self, name: str, proj: str, tensor: Any) -> Any:
-        """A ``pre_quant_scale`` as float32 numpy, checked: 1-D, the config's length, finite and > 0."""
-        import numpy as np
+        """A ``pre_quant_scale`` as float32 numpy, checked (``awq.check``: raises what it finds)."""
         import torch
 
         t = tensor.detach() if tensor.requires_grad else tensor
         values = t.to(torch.float32).cpu().numpy() if t.is_floating_point() else None
-        expected = self.shapes.length(proj)
-        if values is None or values.ndim != 1 or (expected and values.shape[0] != expected):
-            shape = tuple(tensor.shape)
-            raise UnusableScaleError(
-                name,
-                f"{name} has dtype {tensor.dtype} and shape {shape}, but a {proj} pre_quant_scale is a float "
-                f"vector of {expected or 'its input'} values: the checkpoint is damaged; re-export it",
-            )
-        bad = ~(np.isfinite(values) & (values > 0))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise UnusableScaleError(
-                name,
-                f"{name}[{i}] = {values[i]!r}: every pre_quant_scale value must be finite and > 0 (it divides "
-                "the exported weight's input column); the checkpoint is damaged; re-export it",
-            )
+        problem = awq.check(name, proj, values, self.shapes.length(proj))
+        if problem is not None:
+            raise problem
         return values
 
     # -- in --------------------------------------------------------------------------------------
@@ -155,7 +118,10 @@ class AwqFolder:
     def drop(self) -> Out:
         """End of the load: everything still held goes as read (its fold never got what it needs)."""
         out: Out = []
-        for layer in self.layers.values():
+        for key, layer in self.layers.items():
+            if self.error is None:
+                self._missing(key, layer)
+            self.tally.unapplied += len(layer.ps) + (layer.o_p is not None)
             held = [] if layer.moe_done else [layer.norm, layer.router]
             held += [] if layer.attention_done else [layer.v_block, layer.o_global]
             out += [x for x in held if x is not None]
@@ -163,6 +129,17 @@ class AwqFolder:
         return out
 
     # -- inside --------------------------------------------------------------------------------
+    def _missing(self, key: str, layer: Layer) -> None:
+        """What a held p's fold never got (the coverage check names missing p themselves)."""
+        pieces = []
+        if layer.ps and not layer.moe_done:
+            by = next(iter(layer.ps.values()))[0]
+            pieces += [(key + tail, by) for tail, held in ((NORM, layer.norm), (ROUTER, layer.router)) if held is None]
+        if layer.o_p is not None and not layer.attention_done:
+            held = ((V_BLOCK, layer.v_block), (O_GLOBAL, layer.o_global))
+            pieces += [(key + tail, layer.o_p[0]) for tail, piece in held if piece is None]
+        self.missing += [awq.needed(name, by) for name, by in pieces]
+
     def _layer(self, key: str) -> Layer:
         layer = self.layers.get(key)
         if layer is None:
@@ -173,11 +150,9 @@ class AwqFolder:
         """The layer's gate/up p mean into its norm, the router compensated, once all are in."""
         if layer.norm is None or layer.router is None or len(layer.ps) < 2 * self.num_experts or layer.moe_done:
             return []
-        order = sorted(layer.ps)  # any arrival order gives the same sum
-        ps = [layer.ps[k][1] for k in order]
-        mean = awq.common(ps)
-        for k, p in zip(order, ps, strict=True):
-            self.tally.add(layer.ps[k][0], awq.residual(p, mean))
+        mean = awq.common({k: p for k, (_, p) in layer.ps.items()})
+        for name, p in layer.ps.values():
+            self.tally.add(name, awq.residual(p, mean))
         (norm_name, norm), (router_name, router) = layer.norm, layer.router
         new_norm = _like(norm, awq.scale_columns(_f32(norm), mean))
         new_router = _like(router, awq.scale_columns(_f32(router), mean, divide=True))

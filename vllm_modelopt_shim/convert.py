@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import configfix, doctor, shards
+from . import awq, configfix, doctor, shards
 from .errors import CheckpointError
-from .names import COMPRESSED, FUSED, MODELOPT, PROJECTIONS, canonical, parse
+from .names import AWQ_SUFFIX, COMPRESSED, FUSED, MODELOPT, PROJECTIONS, canonical, parse
 
 __all__ = ["Conversion", "UsageError", "convert"]
 
@@ -45,6 +45,7 @@ class Conversion:
         self.verdict = CONVERTED
         self.renamed = 0
         self.harmonized = 0
+        self.awq: awq.Tally | None = None  # NVFP4_AWQ: the pre_quant_scale folds written
         self.files = 0
         self.bytes = 0
         self.seconds = 0.0
@@ -58,6 +59,7 @@ class Conversion:
             "verdict": self.verdict,
             "renamed": self.renamed,
             "harmonized": self.harmonized,
+            "awq": self.awq.as_dict() if self.awq is not None else None,
             "files": self.files,
             "bytes": self.bytes,
             "seconds": round(self.seconds, 3),
@@ -86,11 +88,11 @@ def convert(
         raise UsageError(str(dst), "DST must differ from SRC (SRC is never touched)")
     result = Conversion(src, dst)
     d = doctor.diagnose(src)
-    if harmonize and d.family in (MODELOPT, COMPRESSED):
+    if (harmonize and d.family in (MODELOPT, COMPRESSED)) or d.awq is not None:
         try:
             import numpy  # noqa: F401
         except ImportError:
-            raise UsageError(str(src), "harmonizing needs numpy: install it, or pass --no-harmonize") from None
+            raise UsageError(str(src), "harmonizing and NVFP4_AWQ folding need numpy: install it") from None
     if d.verdict == doctor.CANNOT:
         result.verdict, result.problems = doctor.CANNOT, d.problems
         result.seconds = time.perf_counter() - started
@@ -101,8 +103,14 @@ def convert(
     tmp.mkdir(parents=True)
     try:
         good = d.shards_read
-        patches = _harmonize(good, d.family, result) if harmonize and d.family in (MODELOPT, COMPRESSED) else {}
-        _write(src, tmp, good, d.family, patches, result, progress)
+        folds = _AwqPlan(good, d, result) if d.awq is not None else None
+        rows = folds.rows if folds is not None else None
+        harmonizing = (harmonize and d.family in (MODELOPT, COMPRESSED)) or folds is not None
+        patches = _harmonize(good, d.family, result, rows) if harmonizing else {}
+        if folds is not None:
+            for path, found in folds.patches.items():
+                patches.setdefault(path, []).extend(found)
+        _write(src, tmp, good, d.family, patches, result, progress, folds.drop if folds is not None else frozenset())
         if dst.exists():
             dst.rmdir()  # the empty directory DST may be
         tmp.rename(dst)
@@ -127,30 +135,44 @@ def _write(
     patches: dict[Path, list[tuple[int, Any]]],
     result: Conversion,
     progress: TextIO | None,
+    drop: frozenset[str] = frozenset(),
 ) -> None:
+    """Each shard: a new header, the data copied in bulk (in runs, around dropped tensors), patches over it."""
     names: dict[str, str] = {}
     done = {s.path for s in good}
     for i, shard in enumerate(good):
         t0 = time.perf_counter()
         entries = []
-        for name, e in shard.entries.items():
+        moved: dict[int, int] = {}  # a kept tensor's data offset -> its offset in the new shard
+        runs: list[tuple[int, int, int]] = []  # (from, to, bytes) of data copied as is
+        at = 0
+        for name, e in sorted(shard.entries.items(), key=lambda item: item[1].start):
+            if name in drop:
+                continue
             new = canonical(name, family)
             names[name] = new
             result.renamed += new != name
-            entries.append(shards.Entry(new, e.dtype, e.shape, e.start, e.end))
+            entries.append(shards.Entry(new, e.dtype, e.shape, at, at + e.end - e.start))
+            moved[e.start] = at
+            if runs and runs[-1][0] + runs[-1][2] == e.start and runs[-1][1] + runs[-1][2] == at:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + e.end - e.start)
+            else:
+                runs.append((e.start, at, e.end - e.start))
+            at += e.end - e.start
         out = tmp / shard.path.name
         header = shards.header_bytes(entries, shard.metadata)
         fin, fout = os.open(shard.path, os.O_RDONLY), os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fout, header)
-            _copy(fin, shard.data_start, fout, len(header), shard.size - shard.data_start)
+            for start, to, count in runs:
+                _copy(fin, shard.data_start + start, fout, len(header) + to, count)
             for offset, data in patches.get(shard.path, ()):
-                os.pwrite(fout, data, len(header) + offset)
+                os.pwrite(fout, data, len(header) + moved[offset])
         finally:
             os.close(fin)
             os.close(fout)
         result.files += 1
-        result.bytes += len(header) + shard.size - shard.data_start
+        result.bytes += len(header) + at
         secs = time.perf_counter() - t0
         _say(
             progress,
@@ -164,11 +186,15 @@ def _write(
         target = tmp / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if rel == Path("config.json"):
-            _write_config(path, target, result)
+            _write_config(path, target, result, nvfp4=bool(drop))
+        elif rel == Path("hf_quant_config.json") and drop:
+            target.write_text(json.dumps(awq.as_nvfp4(json.loads(path.read_text())), indent=4) + "\n")
         elif rel == Path("model.safetensors.index.json"):
             index = json.loads(path.read_text())
             index["weight_map"] = {
-                names[k] if k in names else canonical(k, family): v for k, v in index.get("weight_map", {}).items()
+                names[k] if k in names else canonical(k, family): v
+                for k, v in index.get("weight_map", {}).items()
+                if k not in drop
             }
             target.write_text(json.dumps(index, indent=2) + "\n")
         else:
@@ -196,12 +222,16 @@ def _copy(fin: int, start: int, fout: int, at: int, count: int) -> None:
         start, at, count = start + len(buf), at + len(buf), count - len(buf)
 
 
-def _write_config(path: Path, target: Path, result: Conversion) -> None:
-    """config.json with what some transformers generation lacks filled in; byte for byte if nothing is."""
+def _write_config(path: Path, target: Path, result: Conversion, *, nvfp4: bool = False) -> None:
+    """config.json with what some transformers generation lacks filled in (and, ``nvfp4``, quant_algo
+    NVFP4 for a folded NVFP4_AWQ checkpoint); byte for byte if nothing changes."""
     config = json.loads(path.read_text())
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     fills, _ = configfix.plan(text)
-    if not fills:
+    if nvfp4 and isinstance(config.get("quantization_config"), dict):
+        config["quantization_config"] = awq.as_nvfp4(config["quantization_config"])
+        result.config_fixes.append(f"quantization_config.quant_algo = {awq.NVFP4!r} (pre_quant_scale folded)")
+    elif not fills:
         shutil.copy2(path, target)
         return
     for fill in fills:
@@ -210,9 +240,12 @@ def _write_config(path: Path, target: Path, result: Conversion) -> None:
     target.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion) -> dict[Path, list[tuple[int, Any]]]:
+def _harmonize(
+    good: list[shards.Shard], family: str | None, result: Conversion, rows: dict[tuple[str, int], Any] | None = None
+) -> dict[Path, list[tuple[int, Any]]]:
     """The fold of every expert, one MoE layer at a time as the runtime folds, as byte patches: data
-    offset -> new bytes, per shard (needs numpy)."""
+    offset -> new bytes, per shard (needs numpy).  ``rows``: down_proj's NVFP4_AWQ p per (layer, expert),
+    into up's block-scale rows."""
     import numpy as np
 
     from .fp8 import fold_many
@@ -251,7 +284,8 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
                 gate, up = (np.frombuffer(raw(k), np.uint8).reshape(where[k][1].shape) for k in (keys[0], keys[2]))
                 g, u = (struct.unpack("<f", raw(k))[0] for k in (keys[1], keys[3]))
                 inputs.append((gate, up, g, u))
-            for keys, f in zip(batch, fold_many(inputs, reciprocal=family == COMPRESSED), strict=True):
+            down_p = [rows.get(keys[0][:2]) for keys in batch] if rows is not None else None
+            for keys, f in zip(batch, fold_many(inputs, reciprocal=family == COMPRESSED, rows=down_p), strict=True):
                 if f is None:
                     continue
                 result.harmonized += 1
@@ -265,6 +299,74 @@ def _harmonize(good: list[shards.Shard], family: str | None, result: Conversion)
         for fd in fds.values():
             os.close(fd)
     return patches
+
+
+class _AwqPlan:
+    """An NVFP4_AWQ checkpoint's folds, as the runtime makes them (``awq``'s arithmetic on the same values):
+    down's p per expert for ``_harmonize`` (``rows``), byte patches for norms, routers, v's block scales
+    and o's global scales, and every pre_quant_scale to leave out (``drop``)."""
+
+    def __init__(self, good: list[shards.Shard], d: doctor.Diagnosis, result: Conversion) -> None:
+        self.rows: dict[tuple[str, int], Any] = {}
+        self.patches: dict[Path, list[tuple[int, Any]]] = {}
+        self.drop: frozenset[str] = frozenset()
+        self.where = {name: (shard, e) for shard in good for name, e in shard.entries.items()}
+        self.fds = {shard.path: os.open(shard.path, os.O_RDONLY) for shard in good}
+        try:
+            self._plan(d, result)
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+
+    def _raw(self, name: str) -> bytes:
+        shard, e = self.where[name]
+        return os.pread(self.fds[shard.path], e.end - e.start, shard.data_start + e.start)
+
+    def _patch(self, name: str, data: Any) -> None:
+        shard, e = self.where[name]
+        self.patches.setdefault(shard.path, []).append((e.start, data))
+
+    def _plan(self, d: doctor.Diagnosis, result: Conversion) -> None:
+        import numpy as np
+
+        text = json.loads((d.path / "config.json").read_text())
+        text = text.get("text_config", text)
+        shapes = awq.Shapes.of(text.get)
+        tally = result.awq = awq.Tally()
+        layers: dict[str, dict[tuple[str, int], tuple[str, Any]]] = {}
+        drop = []
+        for name, (_, e) in self.where.items():
+            if not name.endswith("." + AWQ_SUFFIX):
+                continue
+            drop.append(name)
+            values = awq.vector(self._raw(name), e.dtype)
+            parsed = parse(name)
+            if parsed is None:  # o_proj's: into v's block scales, o's global scale takes the power of two
+                layer = name[: -len(awq.O_P)]
+                v_name, g_name = layer + awq.V_BLOCK, layer + awq.O_GLOBAL
+                v = np.frombuffer(self._raw(v_name), np.uint8).reshape(self.where[v_name][1].shape)
+                fold = awq.AttentionFold.of(values, v, shapes.heads, shapes.kv_heads)
+                tally.add(name, fold.left)
+                self._patch(v_name, np.ascontiguousarray(fold.v_codes))
+                if fold.shift:
+                    glob = struct.unpack("<f", self._raw(g_name))[0]
+                    self._patch(g_name, struct.pack("<f", glob * 2.0**fold.shift))
+            elif parsed.proj == "down_proj":
+                self.rows[(parsed.prefix, parsed.expert)] = values
+                tally.add(name, 0.0)
+            else:
+                layers.setdefault(parsed.prefix[: -len(awq.EXPERTS)], {})[(parsed.proj, parsed.expert)] = (name, values)
+        for layer, ps in layers.items():
+            mean = awq.common({k: v for k, (_, v) in ps.items()})
+            for name, values in ps.values():
+                tally.add(name, awq.residual(values, mean))
+            for tail, divide in ((awq.NORM, False), (awq.ROUTER, True)):
+                dtype = "bfloat16" if self.where[layer + tail][1].dtype == "BF16" else "float32"
+                raw = np.frombuffer(self._raw(layer + tail), "<u2" if dtype == "bfloat16" else "<f4")
+                shape = self.where[layer + tail][1].shape
+                x = awq.from_bits(raw, dtype).reshape(shape)
+                self._patch(layer + tail, awq.to_bits(awq.scale_columns(x, mean, divide=divide), dtype).tobytes())
+        self.drop = frozenset(drop)
 
 
 def main_convert(args: Any) -> int:

@@ -16,10 +16,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import configfix, shards, verify
+from . import awq, configfix, shards, verify
 from .errors import CheckpointError, DamagedShardError
 from .ledger import Ledger
-from .names import COMPRESSED, MODELOPT, UNQUANTIZED, family_of
+from .names import AWQ_SUFFIX, COMPRESSED, MODELOPT, UNQUANTIZED, family_of, parse
 from .stream import rewrite
 
 __all__ = ["CANNOT", "NEEDS_SHIM", "STOCK", "Diagnosis", "diagnose", "read_headers", "shard_paths"]
@@ -49,6 +49,7 @@ class Diagnosis:
         self.shards_read: list[shards.Shard] = []  # the checked headers, for convert
         self.worst_scale_ratio = 1.0
         self.mismatched_experts = 0
+        self.awq: awq.Tally | None = None  # an NVFP4_AWQ checkpoint: what folding its p will leave
         #: how the advice spells the convert command (the command line sets the form it was run as)
         self.convert_command = "vllm-modelopt-shim convert"
 
@@ -60,13 +61,20 @@ class Diagnosis:
     def verdict(self) -> str:
         if self.problems:
             return CANNOT
-        return NEEDS_SHIM if self.renames or self.config_fixes else STOCK
+        return NEEDS_SHIM if self.renames or self.config_fixes or self.awq is not None else STOCK
 
     @property
     def advice(self) -> str:
         """What to do, in one sentence: the verdict alone can read as a contradiction of a warning."""
         if self.verdict == CANNOT:
             return "fix the problems below, then run the doctor again"
+        if self.awq is not None:
+            worst = f"worst residual {100 * self.awq.worst:.1f}%" if self.awq.residual else "no residual"
+            return (
+                f"NVFP4_AWQ, which no vLLM release serves: serve it with the shim, which folds its "
+                f"{self.awq.exact + self.awq.residual} pre_quant_scale tensors ({worst}), or write a plain NVFP4 "
+                f"copy stock vLLM loads with `{self.convert_command}`"
+            )
         if self.mismatched_experts:
             return (
                 f"stock vLLM loads it, but dequantizes up_proj of {self.mismatched_experts} experts with gate's "
@@ -97,6 +105,7 @@ class Diagnosis:
                 "experts": self.mismatched_experts,
                 "worst_ratio": round(self.worst_scale_ratio, 6),
             },
+            "awq": self.awq.as_dict() if self.awq is not None else None,
             "advice": self.advice,
             "problems": [str(p) for p in self.problems],
             "problem_tensors": [p.name for p in self.problems],
@@ -235,7 +244,10 @@ def diagnose(path: str | os.PathLike[str]) -> Diagnosis:
     d.shards = len(good) + sum(isinstance(p, DamagedShardError) for p in d.problems)
     if not d.shards:
         raise ValueError(f"{root} holds no *.safetensors: not a checkpoint directory ({_EXPECTED})")
-    ledger = d.ledger = Ledger(d.family, d.num_experts)
+    ledger = d.ledger = Ledger(d.family, d.num_experts, full=True)
+    ledger.awq = d.family == MODELOPT and (
+        awq.is_awq_config(config.get("quantization_config")) or awq.is_awq_config(hf_quant)
+    )
     scalars = _Scalars()
     try:
         for _ in rewrite(entries, ledger, scalar=scalars, on_problem=d.problems.append):
@@ -244,7 +256,46 @@ def diagnose(path: str | os.PathLike[str]) -> Diagnosis:
         scalars.close()
     d.problems.extend(verify.check_complete(ledger))
     _scale_mismatch(d, ledger)
+    if ledger.awq:
+        d.awq = _awq(d, good, awq.Shapes.of(text.get))
     return d
+
+
+def _awq(d: Diagnosis, good: list[shards.Shard], shapes: awq.Shapes) -> awq.Tally:
+    """Every pre_quant_scale read and checked as the runtime will, and what its folds will leave."""
+    tally = awq.Tally()
+    names = {name for shard in good for name in shard.entries}
+    layers: dict[str, dict[tuple[str, int], Any]] = {}
+    for shard in good:
+        with open(shard.path, "rb") as f:
+            for name, e in shard.entries.items():
+                if not name.endswith("." + AWQ_SUFFIX):
+                    continue
+                parsed = parse(name)
+                proj = parsed.proj if parsed is not None else "o_proj" if name.endswith(awq.O_P) else None
+                if proj is None:
+                    continue  # verify refused it already
+                values = awq.vector(os.pread(f.fileno(), e.end - e.start, shard.data_start + e.start), e.dtype)
+                problem = awq.check(name, proj, values, shapes.length(proj))
+                if problem is not None:
+                    d.problems.append(problem)
+                elif parsed is None:
+                    layer = name[: -len(awq.O_P)]
+                    needs = [layer + t for t in (awq.V_BLOCK, awq.O_GLOBAL) if layer + t not in names]
+                    d.problems.extend(awq.needed(n, name) for n in needs)
+                    if shapes.heads and shapes.kv_heads:
+                        tally.add(name, awq.group_residual(values, shapes.heads, shapes.kv_heads))
+                elif proj == "down_proj":
+                    tally.add(name, 0.0)
+                else:
+                    layers.setdefault(parsed.prefix[: -len(awq.EXPERTS)], {})[(proj, parsed.expert)] = (name, values)
+    for layer, ps in layers.items():
+        needs = [layer + t for t in (awq.NORM, awq.ROUTER) if layer + t not in names]
+        d.problems.extend(awq.needed(n, next(iter(ps.values()))[0]) for n in needs)
+        mean = awq.common({k: v for k, (_, v) in ps.items()})
+        for name, values in ps.values():
+            tally.add(name, awq.residual(values, mean))
+    return tally
 
 
 def _scale_mismatch(d: Diagnosis, ledger: Ledger) -> None:
@@ -267,6 +318,11 @@ def _scale_mismatch(d: Diagnosis, ledger: Ledger) -> None:
         )
 
 
+def _awq_row(t: awq.Tally) -> str:
+    worst = f"; worst residual {100 * t.worst:.1f}% ({t.where})" if t.residual else ""
+    return f"{t.exact + t.residual} to fold, {t.exact} exactly, {t.residual} with a residual{worst}"
+
+
 def render(d: Diagnosis) -> str:
     """The human-readable table."""
     data = d.as_dict()
@@ -281,6 +337,8 @@ def render(d: Diagnosis) -> str:
         ("tensors the shim renames", str(data["renames"])),
         ("config fixes", "; ".join(data["config_fixes"]) or "none"),
     ]
+    if d.awq is not None:
+        rows.append(("NVFP4_AWQ pre_quant_scale", _awq_row(d.awq)))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     for title, items in (("problems", data["problems"]), ("warnings", data["warnings"])):

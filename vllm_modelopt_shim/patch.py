@@ -15,7 +15,7 @@ import sys
 import time
 import weakref
 
-from . import epfilter, verify
+from . import awq, epfilter, verify
 from . import settings as _settings
 from .errors import CheckpointError
 from .ledger import Ledger
@@ -145,8 +145,6 @@ def apply(module: ModuleType) -> bool:
 
 
 # -- NVFP4_AWQ at config validation ----------------------------------------------------------------
-#: the quant_algo ModelOpt writes for NVFP4_AWQ_LITE/FULL/CLIP exports, and what vLLM is told instead
-AWQ_ALGO, NVFP4 = "NVFP4_AWQ", "NVFP4"
 #: the config base class whose ``from_config`` refuses AWQ_ALGO ("ModelOpt currently only supports")
 CONFIG_CLASS = "ModelOptQuantConfigBase"
 #: frames above the wrapper searched for the caller's ``model_config`` (vLLM's get_quant_config)
@@ -176,27 +174,6 @@ def apply_config(module: ModuleType) -> bool:
         return False
 
 
-def awq_algo(config: Any) -> bool:
-    """Whether a ModelOpt quantization config (config.json's quantization_config or hf_quant_config.json,
-    as a dict) says NVFP4_AWQ."""
-    if not isinstance(config, dict):
-        return False
-    inner = config.get("quantization")
-    algo = inner.get("quant_algo") if isinstance(inner, dict) else config.get("quant_algo")
-    return isinstance(algo, str) and algo.strip().upper() == AWQ_ALGO
-
-
-def as_nvfp4(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``config`` whose quant_algo says NVFP4 (the rest as written)."""
-    out = dict(config)
-    inner = out.get("quantization")
-    if isinstance(inner, dict):
-        out["quantization"] = {**inner, "quant_algo": NVFP4}
-    else:
-        out["quant_algo"] = NVFP4
-    return out
-
-
 def _caller_architectures() -> list[str] | None:
     """The architectures of the ``model_config`` a caller up the stack holds (vLLM's get_quant_config)."""
     frame: Any = sys._getframe(2)
@@ -214,7 +191,7 @@ def _caller_architectures() -> list[str] | None:
 
 def _from_config(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     config = args[0] if args else kwargs.get("config")
-    if not isinstance(config, dict) or not awq_algo(config):
+    if not isinstance(config, dict) or not awq.is_awq_config(config):
         return wrapped(*args, **kwargs)
     try:
         settings = _settings.load()
@@ -223,7 +200,7 @@ def _from_config(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dic
         accept = False
     if not accept:
         return wrapped(*args, **kwargs)
-    quant_config = wrapped(as_nvfp4(config), *args[1:], **{k: v for k, v in kwargs.items() if k != "config"})
+    quant_config = wrapped(awq.as_nvfp4(config), *args[1:], **{k: v for k, v in kwargs.items() if k != "config"})
     with contextlib.suppress(Exception):
         setattr(quant_config, _AWQ_MARK, True)
     logger.info(
@@ -310,15 +287,15 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     _state["ledger"] = ledger
     check = settings.verify != "off"
     on_problem = _raise if settings.verify == "error" else _log_problem
-    awq = _awq_folder(instance, ledger) if full and settings.awq == "fold" else None
-    folder = _folder(instance, ledger) if settings.harmonize or awq is not None else None
+    awq_fold = _awq_folder(instance, ledger) if full and settings.awq == "fold" else None
+    folder = _folder(instance, ledger) if settings.harmonize or awq_fold is not None else None
     if folder is not None:
-        folder.rows = awq is not None
+        folder.rows = awq_fold is not None
         if full:
             folder.reset()
     scalar = _item() if check else None
     stream = rewrite(
-        weights, ledger, check=check, scalar=scalar, on_problem=on_problem, fold=folder, final=full, awq=awq
+        weights, ledger, check=check, scalar=scalar, on_problem=on_problem, fold=folder, final=full, awq=awq_fold
     )
     problems: list[CheckpointError] = []
     try:
@@ -327,6 +304,7 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
         try:
             started = time.perf_counter()
             problems = verify.check_complete(ledger, full=full, experts=local) if check else []
+            problems += awq_fold.missing if awq_fold is not None and check else []
             ledger.seconds += time.perf_counter() - started
         except Exception as exc:  # our bug, after the weights are in: never fail a load over it
             logger.warning("vllm-modelopt-shim: checks after loading skipped (%s: %s)", type(exc).__name__, exc)
@@ -346,19 +324,19 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
             folder.error,
         )
         folder.error = None
-    if awq is not None and awq.error is not None:
+    if awq_fold is not None and awq_fold.error is not None:
         logger.warning(
             "vllm-modelopt-shim: NVFP4_AWQ folding stopped (%s); %d pre_quant_scale tensors after it were not "
             "applied: outputs drift from the checkpoint's model; please report this",
-            awq.error,
-            awq.lost,
+            awq_fold.error,
+            awq_fold.lost,
         )
     try:
         _summary(ledger, settings.verify, len(problems), harmonized, full)
-        if awq is not None and folder is not None:
-            awq.tally.exact += folder.result.rows
-            if awq.tally.exact or awq.tally.residual:
-                logger.info("vllm-modelopt-shim: %s", awq.tally)
+        if awq_fold is not None and folder is not None:
+            awq_fold.tally.exact += folder.result.rows
+            if awq_fold.tally.exact or awq_fold.tally.residual or awq_fold.tally.unapplied:
+                (logger.warning if awq_fold.tally.unapplied else logger.info)("vllm-modelopt-shim: %s", awq_fold.tally)
     except Exception as exc:  # a log line must never fail a load
         logger.warning("vllm-modelopt-shim: no summary (%s: %s)", type(exc).__name__, exc)
     if full:
@@ -424,7 +402,7 @@ def is_awq(model: Any) -> bool:
     ``_from_config`` (marked), or config.json's quantization_config says so."""
     if getattr(getattr(model, "quant_config", None), _AWQ_MARK, False):
         return True
-    return awq_algo(getattr(getattr(model, "config", None), "quantization_config", None))
+    return awq.is_awq_config(getattr(getattr(model, "config", None), "quantization_config", None))
 
 
 def _awq_folder(model: Any, ledger: Ledger) -> Any:
@@ -432,19 +410,13 @@ def _awq_folder(model: Any, ledger: Ledger) -> Any:
     try:
         if ledger.family != MODELOPT or not ledger.num_experts or not is_awq(model):
             return None
-        from .awqfold import AwqFolder, Shapes
+        from .awq import Shapes
+        from .awqfold import AwqFolder
     except Exception as exc:  # never break a load over it: verify then refuses every pre_quant_scale
         logger.warning("vllm-modelopt-shim: NVFP4_AWQ folding off (%s: %s)", type(exc).__name__, exc)
         return None
     text = getattr(getattr(model, "config", None), "text_config", None)
-
-    def get(key: str) -> int:
-        value = getattr(text, key, None)
-        return value if isinstance(value, int) else 0
-
-    heads = get("num_attention_heads")
-    head_dim = get("head_dim") or (get("hidden_size") // heads if heads else 0)
-    shapes = Shapes(get("hidden_size"), get("moe_intermediate_size"), heads, get("num_key_value_heads"), head_dim)
+    shapes = Shapes.of(lambda key: getattr(text, key, None))
     ledger.awq = True
     return AwqFolder(shapes, ledger.num_experts)
 

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import awq_reference as ar
+from safetensors.torch import load_file
 import checkpoints
 import exports
 import pytest
 import torch
 import vllm_runs
+
+from vllm_modelopt_shim.convert import convert
 
 pytestmark = pytest.mark.vllm
 
@@ -75,6 +78,11 @@ DAMAGED: dict[str, tuple[Any, str, str]] = {
         f"{L}.1.self_attn.o_proj.pre_quant_scale",
     ),
     "awq-short-p": (_short(f"{E}.up_proj.3.pre_quant_scale"), "UnusableScaleError", f"{E}.up_proj.3.pre_quant_scale"),
+    "awq-no-norm": (
+        _pop(f"{L}.1.post_attention_layernorm.weight"),
+        "MissingTensorError",
+        f"{L}.1.post_attention_layernorm.weight",
+    ),
 }
 
 
@@ -180,3 +188,28 @@ def test_an_update_carrying_p_is_refused(synthetic: Path) -> None:
     r = vllm_runs.run([synthetic / name], HARNESS_CALLS="3")[name]
     assert r["stage"] == "load" and r["error"] == "UnsupportedTensorError", r.get("message")
     assert "pre_quant_scale" in r["message"] and "convert" in r["message"], r["message"]
+
+
+def test_the_converted_copy_served_by_stock_vllm_is_what_the_shim_loads(
+    served: dict[str, Any], real: Path, synthetic: Path, held_root: Path, tmp_path: Path
+) -> None:
+    """convert writes plain NVFP4 (no shim needed): stock vLLM holds exactly what the shim holds of the original."""
+    sources = [real, synthetic / "awq-outliers-legacy", synthetic / "awq-outliers-canonical"]
+    for src in sources:
+        assert convert(src, tmp_path / "converted" / src.name).verdict == "converted"
+    copies = [tmp_path / "converted" / src.name for src in sources]
+    stock = vllm_runs.run(copies, shim=False, HARNESS_HELD_ROOT=str(tmp_path / "held"))
+    for src in sources:
+        r = stock[src.name]
+        assert r["stage"] == "loaded" and r["unwritten"] == [] and r["patched"] is False, r.get("message")
+        ours, theirs = (
+            load_file(str(held_root / src.name / "model.safetensors")),
+            load_file(str(tmp_path / "held" / src.name / "model.safetensors")),
+        )
+        assert ours.keys() == theirs.keys()
+        differ = [
+            n
+            for n in ours
+            if ours[n].reshape(-1).view(torch.uint8).tolist() != theirs[n].reshape(-1).view(torch.uint8).tolist()
+        ]
+        assert differ == [], differ[:5]

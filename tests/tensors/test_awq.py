@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +12,13 @@ torch = pytest.importorskip("torch")
 
 import checkpoints  # noqa: E402
 import numpy as np  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from vllm_modelopt_shim import awq, fp8  # noqa: E402
-from vllm_modelopt_shim.awqfold import AwqFolder, Shapes  # noqa: E402
+from vllm_modelopt_shim.__main__ import main  # noqa: E402
+from vllm_modelopt_shim.awq import Shapes  # noqa: E402
+from vllm_modelopt_shim.awqfold import AwqFolder  # noqa: E402
+from vllm_modelopt_shim.doctor import CANNOT, NEEDS_SHIM, STOCK, diagnose  # noqa: E402
 from vllm_modelopt_shim.harmonize import Folder  # noqa: E402
 from vllm_modelopt_shim.ledger import Ledger  # noqa: E402
 from vllm_modelopt_shim.names import MODELOPT, canonical  # noqa: E402
@@ -169,3 +175,85 @@ def test_norm_and_router_carry_the_layer_mean_exactly() -> None:
     ].float().t()
     folded = (x * norm.float()) @ router.float().t()
     assert float((folded - logits).norm() / logits.norm()) <= 0.01
+
+
+# -- doctor and convert -------------------------------------------------------------------------------
+def _stream(path: Path) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out += [(n, f.get_tensor(n)) for n in f.keys()]  # noqa: SIM118 - vLLM's order
+    return out
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize(("layout", "split"), [("legacy", None), ("canonical", None), ("legacy", "gate-up-first")])
+def test_convert_writes_plain_nvfp4_equal_to_what_the_runtime_hands_vllm(
+    tmp_path: Path, layout: str, split: str | None
+) -> None:
+    src = checkpoints.write(tmp_path / "src", layout=layout, split=split, awq=checkpoints.Awq(outlier=10.0))
+    d = diagnose(src)
+    assert d.verdict == NEEDS_SHIM and d.awq is not None and d.as_dict()["awq"]["folded"] == 2 * (4 * 3 + 1)
+    assert main(["convert", str(src), str(tmp_path / "dst")]) == 0
+    dims = checkpoints.TINY
+    ledger = Ledger(MODELOPT, 4, full=True)
+    ledger.awq = True
+    shapes = Shapes(dims["hidden"], dims["moe_intermediate"], dims["heads"], dims["kv_heads"], dims["head_dim"])  # type: ignore[arg-type]
+    awqf = AwqFolder(shapes, 4)
+    folder = Folder(reciprocal=False, num_experts=4, rows=True)
+    stream = rewrite(_stream(src), ledger, scalar=torch.Tensor.item, fold=folder, final=True, awq=awqf)
+    runtime = {n: _bytes(t) for n, t in stream}
+    written = {n: _bytes(t) for n, t in _stream(tmp_path / "dst")}
+    assert written == runtime and not [n for n in written if "pre_quant_scale" in n]
+    for name in ("config.json", "hf_quant_config.json"):
+        text = (tmp_path / "dst" / name).read_text()
+        assert '"NVFP4"' in text and "NVFP4_AWQ" not in text and "pre_quant_scale" not in text, name
+    if split:
+        index = json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(written)
+    again = diagnose(tmp_path / "dst")
+    assert again.verdict == STOCK and again.awq is None, again.as_dict()
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "tensor"),
+    [
+        ("zero", "UnusableScaleError", "model.language_model.layers.1.mlp.experts.up_proj.2.pre_quant_scale"),
+        ("short", "UnusableScaleError", "model.language_model.layers.0.self_attn.o_proj.pre_quant_scale"),
+        ("no-norm", "MissingTensorError", "model.language_model.layers.1.post_attention_layernorm.weight"),
+        ("no-p", "MissingTensorError", "model.language_model.layers.0.mlp.experts.gate_proj.3.pre_quant_scale"),
+    ],
+)
+def test_the_doctor_refuses_damaged_awq_naming_the_tensor(tmp_path: Path, edit: str, error: str, tensor: str) -> None:
+    def damage(ts: dict[str, torch.Tensor]) -> None:
+        if edit == "zero":
+            ts[tensor] = torch.zeros_like(ts[tensor])
+        elif edit == "short":
+            ts[tensor] = ts[tensor][:-16].clone()
+        else:
+            del ts[tensor]
+
+    src = checkpoints.write(tmp_path / "src", awq=checkpoints.Awq(outlier=10.0), edit=damage)
+    d = diagnose(src)
+    assert d.verdict == CANNOT and [type(p).__name__ for p in d.problems] == [error], d.problems
+    assert d.problems[0].name == tensor
+    assert main(["convert", str(src), str(tmp_path / "dst")]) == 1 and not (tmp_path / "dst").exists()
+
+
+def test_the_doctor_predicts_the_runtimes_residual(tmp_path: Path) -> None:
+    src = checkpoints.write(tmp_path / "src", awq=checkpoints.Awq(outlier=10.0, spread=0.2))
+    d = diagnose(src)
+    dims = checkpoints.TINY
+    awqf = AwqFolder(
+        Shapes(dims["hidden"], dims["moe_intermediate"], dims["heads"], dims["kv_heads"], dims["head_dim"]), 4
+    )  # type: ignore[arg-type]
+    ledger = Ledger(MODELOPT, 4, full=True)
+    ledger.awq = True
+    folder = Folder(reciprocal=False, num_experts=4, rows=True)
+    for _ in rewrite(_stream(src), ledger, scalar=torch.Tensor.item, fold=folder, final=True, awq=awqf):
+        pass
+    assert d.awq is not None and d.awq.worst == awqf.tally.worst > 0.1 and d.awq.where == awqf.tally.where
+    assert d.awq.exact == awqf.tally.exact + folder.result.rows and d.awq.residual == awqf.tally.residual
