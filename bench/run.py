@@ -40,6 +40,7 @@ FIGURES: dict[str, tuple[float | None, float | None, str, str]] = {
     "load_ratio_census": (None, None, "x", "census load_weights wall, shim over stock, median of pairs"),
     "load_ratio_real": (None, None, "x", "real-size load_weights wall, shim over stock, median of pairs"),
     "fold_s_per_layer": (0.1, 0.1, "s", "the Folder on one real-size MoE layer (128 experts)"),
+    "awq_own_over_plain": (1.5, 1.5, "x", "real size: the shim's own time on NVFP4_AWQ over on plain NVFP4"),
     "extra_rss_mib": (64.0, 64.0, "MiB", "census load: peak RSS, shim minus stock"),
     "real_extra_rss_mib": (256.0, 256.0, "MiB", "real-size load: peak RSS, shim minus stock"),
     "doctor_s": (1.0, 2.0, "s", "`doctor DIR --json` on the census in 8 shards"),
@@ -197,6 +198,14 @@ def loads(python: Path, ckpt: dict[str, Any], pairs: int) -> dict[str, Any]:
     }
 
 
+def awq_loads(python: Path, ckpt: dict[str, Any], runs: int) -> dict[str, Any]:
+    """``runs`` shim loads of an NVFP4_AWQ workload (stock vLLM refuses it): the shim's own time."""
+    done = [load_once(python, ckpt, True) for _ in range(runs)]
+    for i, r in enumerate(done):
+        log(f"{ckpt['name']} {i + 1}/{runs} shim: load_weights {r['load_s']:.3f} s, own {r['own_s']:.3f} s")
+    return {"own_s": [r["own_s"] for r in done], "shim_load_s": [r["load_s"] for r in done]}
+
+
 def table(result: dict[str, Any], quick: bool) -> str:
     """The figures, their targets and PASS/FAIL, one row each."""
     rows = [("figure", "value", "target", "result")]
@@ -226,16 +235,18 @@ def machine(vllm: str) -> dict[str, Any]:
 def bench(quick: bool, pairs: int) -> dict[str, Any]:
     """Every measurement, cheapest first; the figures with their targets and verdicts."""
     python = vllm_python()
-    census, real = prepare(python, "census"), prepare(python, "real")
+    census, real, real_awq = prepare(python, "census"), prepare(python, "real"), prepare(python, "real-awq")
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("start-up: `python -c pass`, shim on and off", lambda: startup(python, 30 if quick else 60)),
         ("doctor on the census in 8 shards", lambda: doctor(census["sharded"], 3 if quick else 5, census["tensors"])),
         ("fold: one real-size MoE layer", lambda: measure(python, ["fold", real["legacy"]], shim_env())),
         (f"real-size loads: {pairs} pairs", lambda: loads(python, real, pairs)),
+        (f"real-size NVFP4_AWQ loads with the shim: {pairs}", lambda: awq_loads(python, real_awq, pairs)),
         (f"census loads: {pairs} pairs", lambda: loads(python, census, pairs)),
     ]
     details: dict[str, dict[str, Any]] = {}
-    for (title, step), key in zip(steps, ("startup", "doctor", "fold", "real", "census"), strict=True):
+    keys = ("startup", "doctor", "fold", "real", "real_awq", "census")
+    for (title, step), key in zip(steps, keys, strict=True):
         log(title)
         details[key] = step()
     result: dict[str, Any] = {
@@ -245,6 +256,7 @@ def bench(quick: bool, pairs: int) -> dict[str, Any]:
         "load_ratio_census": details["census"]["load_ratio"],
         "load_ratio_real": details["real"]["load_ratio"],
         "fold_s_per_layer": details["fold"]["median_s"],
+        "awq_own_over_plain": statistics.median(details["real_awq"]["own_s"]) / statistics.median(details["real"]["own_s"]),
         "extra_rss_mib": details["census"]["extra_rss_mib"],
         "real_extra_rss_mib": details["real"]["extra_rss_mib"],
         "doctor_s": details["doctor"]["median_s"],

@@ -6,6 +6,8 @@
 - ``real``: 2 MoE layers at 30B-A3B's real MoE dimensions (hidden 2048, 128 experts,
   moe_intermediate 768), gate/up global scales apart in every odd expert: the cost per byte and the
   fold at its real size.
+- ``real-awq``: ``real`` as an NVFP4_AWQ export (every expert's gate/up/down and each o_proj carry a
+  ``pre_quant_scale``; outlier channels shared by a layer's experts): the AWQ folds' cost.
 
 Each holds ``legacy/`` and ``canonical/``: the same bytes under the two expert spellings, so the shim
 (legacy) and stock vLLM (canonical) load identical data.  Cached under $VLLM_MODELOPT_SHIM_BENCH or
@@ -47,7 +49,14 @@ WORKLOADS: dict[str, tuple[dict[str, Any], float, int]] = {
         1.1,  # 10% apart: the fold shifts gate by a power of two
         2 * 128 * 3 * 4,
     ),
+    "real-awq": (
+        {"layers": 2, "experts": 128, "hidden": 2048, "moe_intermediate": 768, "v_depth": 1, "deepstack": [0]},
+        1.1,
+        2 * 128 * 3 * 5,  # and a pre_quant_scale each
+    ),
 }
+#: the workloads written as NVFP4_AWQ exports
+AWQ = frozenset({"real-awq"})
 
 
 def cache_dir(name: str) -> Path:
@@ -72,6 +81,7 @@ def write(name: str, directory: Path) -> dict[str, Any]:
             dims=dims,
             up_mismatch=mismatch,
             edit=lambda ts, layout=layout: captured.__setitem__(layout, dict(ts)),
+            awq=checkpoints.Awq(outlier=10.0) if name in AWQ else None,
         )
     legacy = captured["legacy"]
     _check_same_bytes(legacy, captured["canonical"])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import fp8
-from .fp8 import fold_many
+from .fp8 import FP8_MAX, fold_many
 
 __all__ = ["Folder", "Result"]
 
@@ -213,7 +213,7 @@ class Folder:
         try:
             inputs = [(h.pieces[0].codes, h.pieces[2].codes, h.pieces[1].value, h.pieces[3].value) for _, h in batch]  # type: ignore[union-attr]
             rows = [h.pieces[_ROWS].codes if h.pieces[_ROWS] is not None else None for _, h in batch]  # type: ignore[union-attr]
-            folded = fold_many(inputs, reciprocal=self.reciprocal, rows=rows)
+            folded = fold_many(inputs, reciprocal=self.reciprocal, rows=rows, rescale_rows=rescale_rows)
             out: Out = []
             for (key, held), f in zip(batch, folded, strict=True):
                 if f is None:
@@ -298,6 +298,29 @@ class Folder:
         self.ready.clear()
         self.ready_bytes = self.completed = 0
         return out
+
+
+def rescale_rows(codes: Any, factors: Any) -> Any:
+    """``fp8.rescale_rows`` through torch's fp8 cast (same bytes, tests/tensors/test_awq.py): in row
+    chunks that stay in the CPU's caches, one float32 buffer reused."""
+    import numpy as np
+    import torch
+
+    out = np.empty_like(codes)
+    src = torch.from_numpy(np.ascontiguousarray(codes)).view(torch.float8_e4m3fn)
+    dst = torch.from_numpy(out).view(torch.float8_e4m3fn)
+    f = torch.from_numpy(np.asarray(factors, dtype=np.float32))[:, None]
+    step = max(1, _ROWS_CHUNK // max(1, codes.shape[1]))
+    buf = torch.empty((min(step, codes.shape[0]), codes.shape[1]), dtype=torch.float32)
+    for i in range(0, codes.shape[0], step):
+        b = buf[: min(step, codes.shape[0] - i)]
+        b.copy_(src[i : i + step]).mul_(f[i : i + step]).clamp_(min=-FP8_MAX, max=FP8_MAX)
+        dst[i : i + step].copy_(b)
+    return out
+
+
+#: block scales rounded per chunk in ``rescale_rows`` (128 KiB of codes: its float32 buffer stays in L2)
+_ROWS_CHUNK = 1 << 17
 
 
 def _copy(t: Any) -> Any:

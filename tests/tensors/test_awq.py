@@ -19,7 +19,7 @@ from vllm_modelopt_shim.__main__ import main  # noqa: E402
 from vllm_modelopt_shim.awq import Shapes  # noqa: E402
 from vllm_modelopt_shim.awqfold import AwqFolder  # noqa: E402
 from vllm_modelopt_shim.doctor import CANNOT, NEEDS_SHIM, STOCK, diagnose  # noqa: E402
-from vllm_modelopt_shim.harmonize import Folder  # noqa: E402
+from vllm_modelopt_shim.harmonize import Folder, rescale_rows  # noqa: E402
 from vllm_modelopt_shim.ledger import Ledger  # noqa: E402
 from vllm_modelopt_shim.names import MODELOPT, canonical  # noqa: E402
 from vllm_modelopt_shim.stream import rewrite  # noqa: E402
@@ -35,14 +35,16 @@ def test_rescale_rows_rounds_every_code_as_encode_does() -> None:
     assert np.array_equal(fp8.rescale_rows(codes, factors), fp8.encode(exact.astype(np.float64)))
 
 
-def test_rescale_rows_agrees_with_torchs_fp8_cast() -> None:
+def test_the_runtimes_torch_rounding_equals_fp8_rescale_rows() -> None:
+    """harmonize.rescale_rows (torch's fp8 cast, chunked) gives fp8.rescale_rows's bytes for every code,
+    over more rows than one chunk."""
     rng = np.random.default_rng(1)
-    codes = rng.integers(0, 0x7F, size=(64, 128), dtype=np.uint8)
-    factors = rng.uniform(0.05, 3.0, 64)
-    ours = fp8.rescale_rows(codes, factors)
-    x = torch.from_numpy(codes).view(torch.float8_e4m3fn).float() * torch.from_numpy(factors).float()[:, None]
-    theirs = x.clamp(max=448).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-    assert np.array_equal(ours, theirs)
+    factors = np.concatenate([rng.uniform(1e-3, 8.0, 3000), 2.0 ** np.arange(-9, 10), [448 / 0.001953125]])
+    codes = np.tile(np.arange(256, dtype=np.uint8), (len(factors), 1))
+    ours, theirs = fp8.rescale_rows(codes, factors), rescale_rows(codes, factors)
+    nan = (codes & 0x7F) == 0x7F
+    assert np.array_equal(ours[~nan], theirs[~nan])
+    assert np.all((theirs[nan] & 0x7F) == 0x7F)  # NaN stays NaN
 
 
 def test_bf16_rounding_is_torchs() -> None:
