@@ -256,7 +256,8 @@ def bench(quick: bool, pairs: int) -> dict[str, Any]:
         "load_ratio_census": details["census"]["load_ratio"],
         "load_ratio_real": details["real"]["load_ratio"],
         "fold_s_per_layer": details["fold"]["median_s"],
-        "awq_own_over_plain": statistics.median(details["real_awq"]["own_s"]) / statistics.median(details["real"]["own_s"]),
+        "awq_own_over_plain": statistics.median(details["real_awq"]["own_s"])
+        / statistics.median(details["real"]["own_s"]),
         "extra_rss_mib": details["census"]["extra_rss_mib"],
         "real_extra_rss_mib": details["real"]["extra_rss_mib"],
         "doctor_s": details["doctor"]["median_s"],

@@ -95,7 +95,8 @@ def status_lines() -> list[str]:
     if hint and s.enabled:
         lines.append(f"  hint: {hint}")
     lines.append(
-        f"settings: verify={s.verify} harmonize={'on' if s.harmonize else 'off'} report={s.report_dir or 'unset'}"
+        f"settings: verify={s.verify} harmonize={'on' if s.harmonize else 'off'} awq={s.awq} "
+        f"report={s.report_dir or 'unset'}"
     )
     lines.append(_wrapt_line())
     version = patch.vllm_version()
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         help="write a copy of a checkpoint that stock vLLM loads correctly",
         description=(
             "Write a copy of SRC that stock vLLM loads correctly: canonical expert names, and by default "
-            "harmonized gate/up global scales, which needs numpy. --no-harmonize copies every tensor "
-            "byte-exact and needs nothing beyond Python (no numpy, no torch, no vLLM)."
+            "harmonized gate/up global scales, which needs numpy. An NVFP4_AWQ SRC becomes plain NVFP4, its "
+            "pre_quant_scale folded as the shim folds it while loading (needs numpy). --no-harmonize copies "
+            "every tensor byte-exact and needs nothing beyond Python (no numpy, no torch, no vLLM)."
         ),
     )
     conv.add_argument("src", help="checkpoint directory")

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import awq_reference as ar
-from safetensors.torch import load_file
 import checkpoints
 import exports
 import pytest
 import torch
 import vllm_runs
+from safetensors.torch import load_file
 
 from vllm_modelopt_shim.convert import convert
 

@@ -48,6 +48,7 @@ def shim_variables(tmp: Path) -> dict[str, str]:
     folders = {"REPORT": "reports", "VENVS": "venvs", "RESULTS": "results", "BENCH": "bench"}
     values = {f"VLLM_MODELOPT_SHIM_{k}": str(tmp / v) for k, v in folders.items()}
     values["VLLM_MODELOPT_SHIM_VERIFY"] = "error"
+    values["VLLM_MODELOPT_SHIM_AWQ"] = "fold"
     return {name: values.get(name, "1") for name in envnames.NAMES}
 
 
