@@ -2,9 +2,10 @@
 
 Every interpreter runs this file, most never import vLLM: so it holds only what all must run.  It
 chains the sitecustomize it shadows (Debian/Ubuntu ship one) and puts a stdlib-only finder on
-sys.meta_path that answers for three vLLM modules alone: vllm.envs (the shim's variables join vLLM's
+sys.meta_path that answers for four vLLM modules alone: vllm.envs (the shim's variables join vLLM's
 registry, so its environment check knows them, even with the shim off) and, unless
-VLLM_MODELOPT_SHIM is off, qwen3_vl_moe (the patch) and quantization.modelopt (NVFP4_AWQ's config).
+VLLM_MODELOPT_SHIM is off, qwen3_vl_moe (the patch), quantization.modelopt and
+model_arch_config_convertor (where vLLM refuses NVFP4_AWQ's config).
 The package (settings, warnings, wrapt, the patch) loads only then.  It never raises.
 __pycache__/sitecustomize.cpython-311.pyc is committed (checked-hash: used only while it matches
 this source) because compiling even an empty file costs ~1.5 ms under PYTHONDONTWRITEBYTECODE.
@@ -37,7 +38,12 @@ class _Doorbell:
     def __init__(self, patch: bool) -> None:
         self.vllm_modelopt_shim = patch  # the mark of the patching hook (the plugin's install looks for it)
         self.names = (
-            ("vllm.envs", "vllm.model_executor.models.qwen3_vl_moe", "vllm.model_executor.layers.quantization.modelopt")
+            (
+                "vllm.envs",
+                "vllm.model_executor.models.qwen3_vl_moe",
+                "vllm.model_executor.layers.quantization.modelopt",
+                "vllm.transformers_utils.model_arch_config_convertor",
+            )
             if patch
             else ("vllm.envs",)
         )

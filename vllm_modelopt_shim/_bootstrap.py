@@ -17,16 +17,18 @@ if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
     from types import ModuleType
 
-__all__ = ["ENVS", "MARK", "QUANT", "TARGET", "find_spec", "install", "installed", "register_names"]
+__all__ = ["CONVERTOR", "ENVS", "MARK", "QUANT", "TARGET", "find_spec", "install", "installed", "register_names"]
 
 #: vLLM's module defining Qwen3VLMoeForConditionalGeneration (0.11 through 0.33 at least)
 TARGET = "vllm.model_executor.models.qwen3_vl_moe"
 #: vLLM's registry of environment variables (envnames.py)
 ENVS = "vllm.envs"
-#: vLLM's ModelOpt quantization configs, whose config validation refuses quant_algo NVFP4_AWQ (patch.apply_config)
+#: where vLLM's config validation refuses quant_algo NVFP4_AWQ (patch.apply_config): the ModelOpt
+#: quantization configs, and the hf_config convertor (checkpoints with hf_quant_config.json only)
 QUANT = "vllm.model_executor.layers.quantization.modelopt"
+CONVERTOR = "vllm.transformers_utils.model_arch_config_convertor"
 #: every module the patching hook watches; its finders leave sys.meta_path once all are imported
-WATCHED = (ENVS, TARGET, QUANT)
+WATCHED = (ENVS, TARGET, QUANT, CONVERTOR)
 #: attribute that marks our finders on sys.meta_path (the doorbell's and ours): never two
 MARK = "vllm_modelopt_shim"
 
@@ -52,7 +54,7 @@ class _Loader:
             sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, MARK, False)]
         if module.__name__ == ENVS:
             register_names(module)
-        elif module.__name__ == QUANT:
+        elif module.__name__ in (QUANT, CONVERTOR):
             _patch_config(module)
         else:
             _patch(module)
@@ -101,7 +103,7 @@ def _patch_config(module: ModuleType) -> None:
 
         patch.apply_config(module)
     except Exception as exc:  # never break vLLM's import
-        sys.stderr.write(f"vllm-modelopt-shim: could not patch {QUANT} ({type(exc).__name__}: {exc})\n")
+        sys.stderr.write(f"vllm-modelopt-shim: could not patch {module.__name__} ({type(exc).__name__}: {exc})\n")
 
 
 def register_names(envs: ModuleType | None = None) -> None:
@@ -124,11 +126,11 @@ def installed() -> bool:
 def install() -> None:
     """Patch now if vLLM's module is loaded, else arm the hook; idempotent (never twice)."""
     register_names()
-    quant = sys.modules.get(QUANT)
-    if quant is not None:
-        _patch_config(quant)
+    for name in (QUANT, CONVERTOR):
+        if name in sys.modules:
+            _patch_config(sys.modules[name])
     module = sys.modules.get(TARGET)
     if module is not None:
         _patch(module)
-    if (module is None or quant is None) and not installed():
+    if not all(name in sys.modules for name in WATCHED) and not installed():
         sys.meta_path.insert(0, _Finder())

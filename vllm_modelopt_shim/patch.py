@@ -151,27 +151,71 @@ CONFIG_CLASS = "ModelOptQuantConfigBase"
 _FRAMES = 6
 
 
-def apply_config(module: ModuleType) -> bool:
-    """Wrap ``ModelOptQuantConfigBase.from_config`` of ``module`` (vLLM's modelopt quantization module)
-    so that a Qwen3-VL-MoE NVFP4_AWQ checkpoint is read as NVFP4 (the shim folds its p while loading).
-    Runs in every process that imports the module (the API server validates the config there and may
-    never import qwen3_vl_moe).  Never raises; True if wrapped."""
-    try:
-        cls = getattr(module, CONFIG_CLASS, None)
-        current = cls.__dict__.get("from_config") if isinstance(cls, type) else None
-        if current is None or not callable(getattr(cls, "from_config", None)):
-            _warn(f"{module.__name__}.{CONFIG_CLASS}.from_config not found; NVFP4_AWQ checkpoints stay refused")
-            return False
-        if getattr(current, _MARK, False):
-            return True
-        import wrapt
+#: where a checkpoint whose config.json lacks quantization_config (hf_quant_config.json only) is refused
+#: first ("Unknown ModelOpt quant algo"): the hf_config's normalization, every release tested
+CONVERTOR_CLASS, NORMALIZE = "ModelArchConfigConvertorBase", "_normalize_quantization_config"
 
-        wrapt.wrap_function_wrapper(cls, "from_config", _from_config)
-        setattr(cls.__dict__["from_config"], _MARK, True)
-        return True
-    except Exception as exc:  # never break vLLM's import
-        _warn(f"NVFP4_AWQ config acceptance not installed ({type(exc).__name__}: {exc}); vLLM refuses them as stock")
+
+def apply_config(module: ModuleType) -> bool:
+    """Let vLLM's config validation read a Qwen3-VL-MoE NVFP4_AWQ checkpoint as NVFP4 (the shim folds its
+    p while loading): wrap ``ModelOptQuantConfigBase.from_config`` (vLLM's modelopt quantization module)
+    or ``ModelArchConfigConvertorBase._normalize_quantization_config`` (its config convertor module),
+    whichever ``module`` is.  Runs in every process that imports them (the API server validates the
+    config and may never import qwen3_vl_moe).  Never raises; True if wrapped.  Without wrapt it stays
+    silent: ``apply`` says so, once."""
+    try:
+        import wrapt
+    except ImportError:
         return False
+    for cls_name, method, wrapper in (
+        (CONFIG_CLASS, "from_config", _from_config),
+        (CONVERTOR_CLASS, NORMALIZE, _normalize),
+    ):
+        cls = getattr(module, cls_name, None)
+        if not isinstance(cls, type):
+            continue
+        try:
+            current = cls.__dict__.get(method)
+            if current is None:
+                break
+            if getattr(current, _MARK, False):
+                return True
+            wrapt.wrap_function_wrapper(cls, method, wrapper)
+            setattr(cls.__dict__[method], _MARK, True)
+            return True
+        except Exception as exc:  # never break vLLM's import
+            _warn(f"NVFP4_AWQ config acceptance not installed ({type(exc).__name__}: {exc}); vLLM refuses it as stock")
+            return False
+    _warn(f"{module.__name__}: no {CONFIG_CLASS}.from_config or {CONVERTOR_CLASS}.{NORMALIZE}; NVFP4_AWQ stays refused")
+    return False
+
+
+def _accept_awq(architectures: Any) -> bool:
+    """NVFP4_AWQ is read as NVFP4 for Qwen3-VL-MoE alone, with the shim on and VLLM_MODELOPT_SHIM_AWQ=fold."""
+    try:
+        settings = _settings.load()
+        return settings.enabled and settings.awq == "fold" and CLASS in (architectures or ())
+    except Exception:  # never break vLLM: it refuses AWQ as stock
+        return False
+
+
+def _normalize(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """hf_quant_config.json's ``quantization.quant_algo`` reads NVFP4 while vLLM normalizes it (it raises
+    on any other algo), and NVFP4_AWQ again afterwards, for ``_from_config`` to see."""
+    config = args[0] if args else kwargs.get("config")
+    quant = getattr(config, "quantization_config", None)
+    inner = quant.get("quantization") if isinstance(quant, dict) else None
+    if not isinstance(inner, dict) or not awq.is_awq_config(quant):
+        return wrapped(*args, **kwargs)
+    architectures = getattr(getattr(instance, "hf_config", None), "architectures", None)
+    if not _accept_awq(architectures):
+        return wrapped(*args, **kwargs)
+    algo = inner["quant_algo"]
+    inner["quant_algo"] = awq.NVFP4
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        inner["quant_algo"] = algo
 
 
 def _caller_architectures() -> list[str] | None:
@@ -193,12 +237,7 @@ def _from_config(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dic
     config = args[0] if args else kwargs.get("config")
     if not isinstance(config, dict) or not awq.is_awq_config(config):
         return wrapped(*args, **kwargs)
-    try:
-        settings = _settings.load()
-        accept = settings.enabled and settings.awq == "fold" and CLASS in (_caller_architectures() or ())
-    except Exception:  # never break vLLM: it refuses AWQ as stock
-        accept = False
-    if not accept:
+    if not _accept_awq(_caller_architectures()):
         return wrapped(*args, **kwargs)
     quant_config = wrapped(awq.as_nvfp4(config), *args[1:], **{k: v for k, v in kwargs.items() if k != "config"})
     with contextlib.suppress(Exception):
@@ -247,6 +286,11 @@ def _init(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, 
                 raise  # a config that spells one setting two ways: refused on purpose
             except Exception as exc:  # anything else is our bug: never break a model that builds
                 logger.warning("vllm-modelopt-shim: config check skipped (%s: %s)", type(exc).__name__, exc)
+        made = wrapped(*args, **kwargs)
+        if getattr(getattr(vllm_config, "quant_config", None), _AWQ_MARK, False):
+            with contextlib.suppress(TypeError):
+                _AWQ_MODELS.add(instance)
+        return made
     return wrapped(*args, **kwargs)
 
 
@@ -398,11 +442,15 @@ def _folder(model: Any, ledger: Ledger) -> Any:
 
 
 def is_awq(model: Any) -> bool:
-    """Whether ``model`` was built from an NVFP4_AWQ checkpoint: its quant config came through
-    ``_from_config`` (marked), or config.json's quantization_config says so."""
-    if getattr(getattr(model, "quant_config", None), _AWQ_MARK, False):
+    """Whether ``model`` was built from an NVFP4_AWQ checkpoint: its vLLM config's quant config came
+    through ``_from_config`` (marked; noted by ``_init``), or config.json's quantization_config says so."""
+    if model in _AWQ_MODELS or getattr(getattr(model, "quant_config", None), _AWQ_MARK, False):
         return True
     return awq.is_awq_config(getattr(getattr(model, "config", None), "quantization_config", None))
+
+
+#: models whose vLLM config's quant config ``_from_config`` made from an NVFP4_AWQ config
+_AWQ_MODELS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _awq_folder(model: Any, ledger: Ledger) -> Any:

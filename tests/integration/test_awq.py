@@ -9,7 +9,9 @@ VLLM_MODELOPT_SHIM_AWQ=refuse.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.vllm
 
 L = "model.language_model.layers"
 STOCK_REFUSAL = "ModelOpt currently only supports"
+HF_QUANT_ONLY = "awq-hf-quant-config-only"
 
 #: synthetic NVFP4_AWQ checkpoints: outlier input channels shared by a layer's experts (p max/min >= 10)
 #: on top of per-tensor differences; both expert spellings; gate and up p equal or not
@@ -92,8 +95,14 @@ def real() -> Path:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def synthetic(tmp_path_factory: pytest.TempPathFactory, real: Path) -> Path:
     root = tmp_path_factory.mktemp("awq")
+    # the real export as older ModelOpt releases write it: hf_quant_config.json only (vLLM then refuses
+    # NVFP4_AWQ earlier, "Unknown ModelOpt quant algo", while normalizing the hf_config)
+    shutil.copytree(real, root / HF_QUANT_ONLY)
+    config = json.loads((root / HF_QUANT_ONLY / "config.json").read_text())
+    del config["quantization_config"]
+    (root / HF_QUANT_ONLY / "config.json").write_text(json.dumps(config, indent=2))
     for name, kwargs in SYNTHETIC.items():
         checkpoints.write(root / name, **kwargs)
     for name, (edit, _, _) in DAMAGED.items():
@@ -109,17 +118,23 @@ def held_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(real: Path, synthetic: Path, held_root: Path) -> dict[str, dict[str, Any]]:
     """One shim process (defaults) loading the real export and every synthetic one, dumping what vLLM holds."""
-    ckpts = [real, *(synthetic / n for n in [*SYNTHETIC, *DAMAGED])]
+    ckpts = [real, *(synthetic / n for n in [*SYNTHETIC, *DAMAGED, HF_QUANT_ONLY])]
     return vllm_runs.run(ckpts, HARNESS_HELD_ROOT=str(held_root))
 
 
-def test_stock_vllm_and_refuse_mode_refuse_the_config(real: Path) -> None:
+def test_stock_vllm_and_refuse_mode_refuse_the_config(real: Path, synthetic: Path) -> None:
     """The bug: no vLLM release accepts quant_algo NVFP4_AWQ; with AWQ=refuse the shim keeps it so."""
-    for r in (
-        vllm_runs.run([real], shim=False)[real.name],
-        vllm_runs.run([real], VLLM_MODELOPT_SHIM_AWQ="refuse")[real.name],
-    ):
-        assert r["stage"] == "build" and STOCK_REFUSAL in r["message"], r.get("message")
+    ckpts = [real, synthetic / HF_QUANT_ONLY]
+    for results in (vllm_runs.run(ckpts, shim=False), vllm_runs.run(ckpts, VLLM_MODELOPT_SHIM_AWQ="refuse")):
+        for ckpt, refusal in zip(ckpts, (STOCK_REFUSAL, "Unknown ModelOpt quant algo: NVFP4_AWQ"), strict=True):
+            r = results[ckpt.name]
+            assert r["stage"] == "build" and refusal in r["message"], r.get("message")
+
+
+def test_a_checkpoint_with_hf_quant_config_only_loads_folded_too(served: dict[str, Any]) -> None:
+    r = served[HF_QUANT_ONLY]
+    assert r["stage"] == "loaded" and r["unwritten"] == [], r.get("message")
+    assert any("NVFP4_AWQ: folded 50 pre_quant_scale tensors" in x for x in r["shim_log"]), r["shim_log"]
 
 
 def test_the_real_export_loads_folded(served: dict[str, Any], real: Path) -> None:
