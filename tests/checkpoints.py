@@ -419,5 +419,21 @@ def write(
     return path
 
 
+def read(path: Path) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint directory in vLLM's order (shards sorted, each in its file order)."""
+    from safetensors import safe_open
+
+    out = []
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            out += [(n, f.get_tensor(n)) for n in f.keys()]  # noqa: SIM118 - vLLM's order
+    return out
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes (any dtype, any shape, 0-D too)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def _is_nvfp4(ts: Tensors, weight_name: str) -> bool:
     return weight_name[: -len("weight")] + "weight_scale" in ts

@@ -364,8 +364,9 @@ def _load_weights(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     if folder is not None and folder.error is not None:
         logger.warning(
             "vllm-modelopt-shim: harmonization stopped (%s); every expert not yet folded is loaded as the "
-            "checkpoint holds it",
+            "checkpoint holds it%s",
             folder.error,
+            " (NVFP4_AWQ: their down_proj pre_quant_scale NOT applied; please report this)" if folder.rows else "",
         )
         folder.error = None
     if awq_fold is not None and awq_fold.error is not None:

@@ -12,7 +12,6 @@ torch = pytest.importorskip("torch")
 
 import checkpoints  # noqa: E402
 import numpy as np  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
 from vllm_modelopt_shim import awq, fp8  # noqa: E402
 from vllm_modelopt_shim.__main__ import main  # noqa: E402
@@ -180,18 +179,6 @@ def test_norm_and_router_carry_the_layer_mean_exactly() -> None:
 
 
 # -- doctor and convert -------------------------------------------------------------------------------
-def _stream(path: Path) -> list[tuple[str, torch.Tensor]]:
-    out = []
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            out += [(n, f.get_tensor(n)) for n in f.keys()]  # noqa: SIM118 - vLLM's order
-    return out
-
-
-def _bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 @pytest.mark.parametrize(("layout", "split"), [("legacy", None), ("canonical", None), ("legacy", "gate-up-first")])
 def test_convert_writes_plain_nvfp4_equal_to_what_the_runtime_hands_vllm(
     tmp_path: Path, layout: str, split: str | None
@@ -206,9 +193,9 @@ def test_convert_writes_plain_nvfp4_equal_to_what_the_runtime_hands_vllm(
     shapes = Shapes(dims["hidden"], dims["moe_intermediate"], dims["heads"], dims["kv_heads"], dims["head_dim"])  # type: ignore[arg-type]
     awqf = AwqFolder(shapes, 4)
     folder = Folder(reciprocal=False, num_experts=4, rows=True)
-    stream = rewrite(_stream(src), ledger, scalar=torch.Tensor.item, fold=folder, final=True, awq=awqf)
-    runtime = {n: _bytes(t) for n, t in stream}
-    written = {n: _bytes(t) for n, t in _stream(tmp_path / "dst")}
+    stream = rewrite(checkpoints.read(src), ledger, scalar=torch.Tensor.item, fold=folder, final=True, awq=awqf)
+    runtime = {n: checkpoints.as_bytes(t) for n, t in stream}
+    written = {n: checkpoints.as_bytes(t) for n, t in checkpoints.read(tmp_path / "dst")}
     assert written == runtime and not [n for n in written if "pre_quant_scale" in n]
     for name in ("config.json", "hf_quant_config.json"):
         text = (tmp_path / "dst" / name).read_text()
@@ -255,7 +242,7 @@ def test_the_doctor_predicts_the_runtimes_residual(tmp_path: Path) -> None:
     ledger = Ledger(MODELOPT, 4, full=True)
     ledger.awq = True
     folder = Folder(reciprocal=False, num_experts=4, rows=True)
-    for _ in rewrite(_stream(src), ledger, scalar=torch.Tensor.item, fold=folder, final=True, awq=awqf):
+    for _ in rewrite(checkpoints.read(src), ledger, scalar=torch.Tensor.item, fold=folder, final=True, awq=awqf):
         pass
     assert d.awq is not None and d.awq.worst == awqf.tally.worst > 0.1 and d.awq.where == awqf.tally.where
     assert d.awq.exact == awqf.tally.exact + folder.result.rows and d.awq.residual == awqf.tally.residual

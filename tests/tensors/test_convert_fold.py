@@ -9,7 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import checkpoints  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
 from vllm_modelopt_shim.__main__ import main  # noqa: E402
 from vllm_modelopt_shim.doctor import STOCK, diagnose  # noqa: E402
@@ -18,17 +17,7 @@ from vllm_modelopt_shim.ledger import Ledger  # noqa: E402
 from vllm_modelopt_shim.names import COMPRESSED, MODELOPT  # noqa: E402
 from vllm_modelopt_shim.stream import rewrite  # noqa: E402
 
-
-def tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
-    out = []
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            out += [(n, f.get_tensor(n)) for n in f.keys()]  # noqa: SIM118 - vLLM's order
-    return out
-
-
-def as_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+tensors, as_bytes = checkpoints.read, checkpoints.as_bytes
 
 
 @pytest.mark.parametrize(
